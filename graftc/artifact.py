@@ -1,0 +1,98 @@
+"""The artifact directory: model.safetensors, plan.yaml (resolved), manifest.json, report.md.
+
+Written into a temporary sibling and renamed at the end, so OUT exists only when complete. Loading replays
+the manifest's rewrites on the base model and reads tensors from safetensors: nothing in an artifact is
+executed or unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from graftc import __version__
+from graftc.errors import GraftError
+from graftc.plan import dump_plan
+
+FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise GraftError(f"output {out} already exists (use --force to replace it)")
+    if not out.parent.exists():
+        raise GraftError(f"output folder's parent {out.parent} does not exist")
+
+
+def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, force: bool = False) -> Path:
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    check_out_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_model(result.model, str(tmp / "model.safetensors"))
+        (tmp / "plan.yaml").write_text(dump_plan(result.plan))
+        manifest = {"format": 1, "graftc_version": __version__,
+                    "base": {"spec": spec, "class": type(result.model).__qualname__, "weights_sha256": base_hash},
+                    "rewrites": result.rewrites, "distill": {}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / "report.md").write_text(report_md)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(out: str | Path) -> dict:
+    out = Path(out)
+    path = out / "manifest.json"
+    if not path.is_file():
+        raise GraftError(f"{out}: not a graftc artifact (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GraftError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != 1:
+        raise GraftError(f"{path}: unsupported manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} (expected 1)")
+    return manifest
+
+
+def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bool = False) -> torch.nn.Module:
+    """Rebuild a grafted model: base model (from the manifest's spec, or `model`) + replayed rewrites + weights.
+
+    A `python:` base spec runs the named function to build the model; it is only followed when
+    `allow_python=True` (or pass the base `model` yourself), because the spec string comes from the artifact.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from graftc.compiler import replay
+    from graftc.spec import load_model as load_spec
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    spec = manifest.get("base", {}).get("spec", "")
+    if model is None:
+        if spec.startswith("python:") and not allow_python:
+            raise GraftError(f"{out}: base model {spec!r} is built by running code; pass model= or allow_python=True")
+        model = load_spec(spec).model
+    replay(model, manifest.get("rewrites", []))
+    weights = out / "model.safetensors"
+    if not weights.is_file():
+        raise GraftError(f"{out}: model.safetensors is missing")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise GraftError(f"{weights}: cannot read weights: {str(exc).splitlines()[0][:200]}") from None
+    if missing or unexpected:
+        raise GraftError(f"{weights}: does not match the replayed model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    return model.eval()

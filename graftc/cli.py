@@ -1,0 +1,100 @@
+"""graftc's command line. Bad input: one line on stderr, exit code 2, nothing written."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from graftc.errors import GraftError
+
+
+def _inspect(args) -> int:
+    from graftc.compiler import inspect_regions
+    from graftc.report import regions_table
+    from graftc.spec import load_model
+
+    loaded = load_model(args.model, seed=args.seed)
+    regions = inspect_regions(loaded.model, loaded.kwargs or loaded.args)
+    if args.json:
+        print(json.dumps([{"index": r.index, "kind": r.kind, "fqn": r.fqn, "params": r.params, "flops": r.flops,
+                           "cover": r.cover, "roles": r.roles, **r.attrs} for r in regions], indent=2))
+    else:
+        print(regions_table(regions))
+    return 0
+
+
+def _compile(args) -> int:
+    from pathlib import Path
+
+    from graftc import artifact
+    from graftc.compiler import compile as graft, emit_code
+    from graftc.plan import load_plan
+    from graftc.report import human, report_markdown
+    from graftc.spec import load_model, weights_hash
+
+    plan = load_plan(args.plan)  # validated before any model is loaded
+    if plan.distill is not None:
+        raise GraftError(f"{args.plan}: distill: stage 1/2 distillation is not available in this graftc version; "
+                         "remove the 'distill' section to rewrite only")
+    out = Path(args.output)
+    artifact.check_out_dir(out, args.force or args.resume)
+    start = time.perf_counter()
+    loaded = load_model(args.model, seed=args.seed)
+    base_hash = weights_hash(loaded.model)
+    print(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    result = graft(loaded.model, plan, loaded.kwargs or loaded.args,
+                   progress=lambda name: print(f"  pass {name}", file=sys.stderr))
+    if args.emit_code:
+        for fqn in dict.fromkeys(r["fqn"] for r in result.rewrites):
+            print(emit_code(result.model, loaded.kwargs or loaded.args, fqn) + "\n")
+    artifact.save(out, result, args.model, base_hash, report_markdown(args.model, result), force=True)
+    first, last = result.reports[0], result.reports[-1]
+    print(f"rewrote {len(result.rewrites)} regions; params {human(first.params_before)} -> {human(last.params_after)}, "
+          f"FLOPs {human(first.flops_before)} -> {human(last.flops_after)}; wrote {out}")
+    return 0
+
+
+def _plan_schema(args) -> int:
+    from graftc.plan import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graftc", description="Graft new operators into pretrained transformers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("inspect", help="list the attention, mlp and block regions of a model")
+    s.add_argument("model", help="MODEL spec: a save_pretrained dir, timm:NAME, python:MOD:FN, demo:NAME, dit:CFG[:CKPT]")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--seed", type=int, default=0, help="seed for randomly initialized models")
+    s.set_defaults(run=_inspect)
+    c = sub.add_parser("compile", help="apply a plan and write the artifact")
+    c.add_argument("model", help="MODEL spec (see inspect)")
+    c.add_argument("plan", help="plan YAML (see plan-schema)")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    c.add_argument("--seed", type=int, default=0, help="seed for random inits")
+    c.add_argument("--emit-code", action="store_true", help="print the traced forward of every rewritten module")
+    c.set_defaults(run=_compile)
+    sch = sub.add_parser("plan-schema", help="print the plan's JSON Schema")
+    sch.set_defaults(run=_plan_schema)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GraftError as exc:
+        print(f"graftc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graftc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

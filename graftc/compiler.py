@@ -1,0 +1,130 @@
+"""`graftc.compile(model, plan, example_inputs)`: the one verb. Trace -> match -> rewrite, as passes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import fx
+
+from graftc.errors import GraftError
+from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
+from graftc.match import Region, find_regions
+from graftc.plan import parse_plan, select_regions
+from graftc.rules import rules_by_op, set_submodule
+from graftc.trace import trace
+
+
+@dataclass
+class GraftResult:
+    model: torch.nn.Module
+    regions: list[Region]
+    rewrites: list[dict]
+    reports: list[PassReport] = field(default_factory=list)
+    plan: Any = None
+
+
+def _trace_pass(state: GraftState) -> PassResult:
+    state.traced = trace(state.model, state.args, state.kwargs)
+    return PassResult(False, {"nodes": len(state.traced.graph.nodes)})
+
+
+def _match_pass(state: GraftState) -> PassResult:
+    state.regions = find_regions(state.traced)
+    counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block")}
+    return PassResult(False, counts)
+
+
+def apply_rewrite(model: torch.nn.Module, region: Region, config: BaseModel, where: str) -> dict:
+    """Check the rule fits the region, build its replacement, install it. Returns the manifest record."""
+    rule = rules_by_op()[config.op]
+    if region.kind not in rule.kinds:
+        raise GraftError(f"{where}: op '{config.op}' does not apply to {region.kind} regions "
+                         f"(it replaces: {', '.join(rule.kinds)})")
+    if not region.cover:
+        raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} is computed inline, "
+                         "with no module boundary to rewrite at")
+    reason = rule.guard(region, config)
+    if reason:
+        raise GraftError(f"{where}: op '{config.op}' cannot replace {region.kind} {region.index} at {region.fqn}: {reason}")
+    for fqn, module in rule.build(region, config, model).items():
+        set_submodule(model, fqn, module)
+    return {"rule": rule.op, "fqn": region.fqn, "kind": region.kind, "index": region.index,
+            "config": config.model_dump(mode="json"), "region": region.to_json()}
+
+
+def _rewrite_pass(step_index: int, step) -> Pass:
+    where = f"graft[{step_index}]"
+
+    def run(state: GraftState) -> PassResult:
+        done = {r["fqn"]: r for r in state.rewrites}
+        chosen = select_regions(step.select, state.regions, f"{where}.select")
+        for region in chosen:
+            if region.fqn in done:
+                raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} was already rewritten "
+                                 f"by op '{done[region.fqn]['rule']}'")
+            record = apply_rewrite(state.model, region, step.replace, where)
+            record["step"] = step_index
+            state.rewrites.append(record)
+        return PassResult(bool(chosen), {"op": step.replace.op, "kind": step.select.kind,
+                                         "rewritten": [r.fqn for r in chosen]})
+
+    return Pass(f"{where}:{step.replace.op}", run, frozenset({"regions"} | ({f"graft{step_index - 1}"} if step_index else set())),
+                frozenset({f"graft{step_index}"}))
+
+
+def build_passes(plan) -> list[Pass]:
+    passes = [Pass("trace", _trace_pass, frozenset(), frozenset({"graph"})),
+              Pass("match", _match_pass, frozenset({"graph"}), frozenset({"regions"}))]
+    return passes + [_rewrite_pass(i, step) for i, step in enumerate(plan.graft)]
+
+
+def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=None) -> GraftResult:
+    """Rewrite `model` in place by `plan` (a Plan, a dict, or a path to YAML). `example_inputs` is a tuple of
+    positional args or a dict of keyword args, used to trace the model and check every rewrite."""
+    if not isinstance(plan, BaseModel):
+        from graftc.plan import load_plan
+
+        plan = parse_plan(plan) if isinstance(plan, dict) else load_plan(plan)
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    state = GraftState(model.eval(), args, kwargs)
+    reports = run_passes(state, build_passes(plan), progress)
+    return GraftResult(state.model, state.regions, state.rewrites, reports, plan)
+
+
+def inspect_regions(model: torch.nn.Module, example_inputs: Any = ()) -> list[Region]:
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    return find_regions(trace(model, args, kwargs))
+
+
+def replay(model: torch.nn.Module, rewrites: list[dict]) -> torch.nn.Module:
+    """Redo recorded rewrites on a freshly loaded base model (the manifest holds regions, no re-trace)."""
+    rules = rules_by_op()
+    for i, record in enumerate(rewrites):
+        rule = rules.get(record.get("rule"))
+        if rule is None:
+            raise GraftError(f"manifest rewrite {i}: unknown rule {record.get('rule')!r} (this graftc has: {', '.join(rules)})")
+        config = rule.config.model_validate(record["config"])
+        apply_rewrite(model, Region.from_json(record["region"]), config, f"manifest rewrite {i}")
+    return model
+
+
+def emit_code(model: torch.nn.Module, example_inputs: Any, module_fqn: str) -> str:
+    """The traced forward of one rewritten module (its nodes only), as Python over aten ops."""
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    traced = trace(model, args, kwargs)
+    inside = [n for n in traced.graph.nodes if n.op == "call_function" and module_fqn in traced.stack(n)]
+    graph, env = fx.Graph(), {}
+
+    def arg(node):
+        if node not in env:
+            env[node] = graph.placeholder(node.name)
+        return env[node]
+
+    for node in inside:
+        env[node] = graph.node_copy(node, arg)
+    outputs = [env[n] for n in inside if any(u not in inside for u in n.users)]
+    graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    code = graph.python_code("self").src
+    return f"# forward of {module_fqn} ({type(model.get_submodule(module_fqn)).__name__}), traced\n" + code.strip()

@@ -1,0 +1,356 @@
+"""Find regions (attention, mlp, block) in a traced graph.
+
+Pipeline: match pattern graphs (graftc.patterns) looking through layout ops -> complete each match into a
+region (projections, the exact node set, shapes, params, FLOPs) -> place it on the smallest set of user
+modules that compute exactly that region (its *cover*), which is where rewrites happen.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+from torch import fx
+
+from graftc.patterns import PATTERNS, Pattern
+from graftc.trace import Traced
+
+# Ops that move or re-type data without mixing it: the matcher looks through them.
+LAYOUT_OPS = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "alias", "expand",
+    "unsqueeze", "squeeze", "flatten", "unflatten", "to", "_to_copy", "type_as", "dropout", "detach",
+    "lift_fresh_copy", "_assert_tensor_metadata", "unbind", "select", "getitem",
+}
+ACTIVATIONS = {"gelu", "silu", "relu", "sigmoid", "tanh", "mish", "hardswish", "elu", "leaky_relu", "quick_gelu"}
+GEMMS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "scaled_dot_product_attention", "conv1d",
+         "conv2d", "conv3d", "convolution", "einsum"}
+ALIASES = {"bmm": "matmul", "mm": "matmul", "_softmax": "softmax", "_safe_softmax": "softmax"}
+COMMUTATIVE = {"mul", "add"}
+
+
+def op_name(node) -> str:
+    """Canonical op of a node: aten overload packet name with aliases folded, activations as 'act'."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return ""
+    target = node.target
+    name = getattr(getattr(target, "_overloadpacket", None), "__name__", None) or getattr(target, "__name__", str(target))
+    name = ALIASES.get(name.rstrip("_") if name.endswith("_") and name != "_" else name, name)
+    return "act" if name in ACTIVATIONS else name
+
+
+def is_look_through(node) -> bool:
+    name = op_name(node)
+    if name in LAYOUT_OPS:
+        return True
+    # scaling by a Python number (attention scale, GELU constants) changes no structure
+    return name in ("mul", "div") and len(node.args) == 2 and not isinstance(node.args[1], fx.Node)
+
+
+def resolve(node):
+    while isinstance(node, fx.Node) and is_look_through(node):
+        node = node.args[0]
+    return node
+
+
+def _match(p: fx.Node, t, binds: dict) -> bool:
+    if p.op == "placeholder":
+        role = p.meta["binds"]
+        if role in binds:
+            return binds[role] is t
+        binds[role] = t
+        return True
+    if not isinstance(t, fx.Node) or op_name(p) != op_name(t):
+        return False
+    orders = [tuple(t.args)]
+    if op_name(p) in COMMUTATIVE and len(t.args) >= 2:
+        orders.append((t.args[1], t.args[0], *t.args[2:]))
+    for targs in orders:
+        trial = dict(binds)
+        if len(targs) >= len(p.args) and all(
+            not isinstance(pa, fx.Node) or _match(resolve(pa), resolve(ta), trial) for pa, ta in zip(p.args, targs)
+        ):
+            binds.update(trial)
+            return True
+    return False
+
+
+def match_pattern(pattern: Pattern, traced: Traced) -> list[tuple[fx.Node, dict]]:
+    """All (anchor, bindings) where the pattern's output computation occurs in the traced graph."""
+    out = next(n for n in pattern.graph.nodes if n.op == "output")
+    anchor = resolve(out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0])
+    found = []
+    for node in traced.graph.nodes:
+        binds: dict = {}
+        if op_name(node) == op_name(anchor) and _match(anchor, node, binds):
+            found.append((node, binds))
+    return found
+
+
+@dataclass
+class Region:
+    """A matched computation. JSON-serializable: the manifest stores it, so loading needs no re-trace."""
+
+    kind: str  # attention | mlp | block
+    index: int  # position among regions of its kind, execution order
+    fqn: str  # smallest module enclosing the whole region
+    cover: list[str]  # modules that compute exactly this region, in execution order ([] if inline)
+    roles: dict[str, str] = field(default_factory=dict)  # role -> Linear fqn (q, k, v, o, w_in, w_out, ...)
+    params: int = 0
+    flops: int = 0
+    input_shape: list[int] = field(default_factory=list)
+    output_shape: list[int] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)  # heads, kv_heads, head_dim, hidden, pattern, ...
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Region":
+        return cls(**data)
+
+
+def _shape(node) -> list[int]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return [int(s) for s in getattr(val, "shape", [])]
+
+
+def _forward(starts: Iterable[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), list(starts)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _backward(ends: Iterable[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), list(ends)
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _feeding_linears(node: fx.Node, limit: int = 2) -> list[fx.Node] | None:
+    """Linears reached walking back from `node` through non-GEMM ops; None if another GEMM is hit first."""
+    found, seen, todo = [], set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        name = op_name(n)
+        if name == "linear":
+            found.append(n)
+            if len(found) > limit:
+                return None
+        elif name in GEMMS:
+            return None
+        else:
+            todo.extend(n.all_input_nodes)
+    return found
+
+
+def _next_linears(node: fx.Node) -> list[fx.Node]:
+    found, seen, todo = [], set(), list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if op_name(n) == "linear":
+            found.append(n)
+        elif op_name(n) not in GEMMS:
+            todo.extend(n.users)
+    return found
+
+
+def _linear_fqn(traced: Traced, node: fx.Node) -> str:
+    return traced.module(node)
+
+
+def _gemm_flops(node: fx.Node) -> int:
+    """Multiply-adds x2 of the GEMM-like ops, from traced shapes; elementwise work is ignored."""
+    name = op_name(node)
+    out = _shape(node)
+    if not out:
+        return 0
+    numel = 1
+    for s in out:
+        numel *= s
+    if name == "linear":
+        return 2 * numel * _shape(node.args[0])[-1]
+    if name == "matmul":
+        return 2 * numel * _shape(node.args[0])[-1]
+    if name == "scaled_dot_product_attention":
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        return 4 * numel // q[-1] * k[-2] * q[-1] if q and k else 0
+    return 0
+
+
+class _Builder:
+    """Turns pattern matches into regions for one traced graph."""
+
+    def __init__(self, traced: Traced):
+        self.t = traced
+        self.order = {n: i for i, n in enumerate(traced.graph.nodes)}
+        self.members: dict[str, set[fx.Node]] = defaultdict(set)  # module fqn -> its nodes
+        for n in traced.graph.nodes:
+            for m in traced.stack(n):
+                self.members[m].add(n)
+
+    # -- completing a match into a region -------------------------------------------------------
+    def attention(self, anchor: fx.Node, binds: dict, pattern: str) -> Region | None:
+        proj = {}
+        for role in ("q", "k", "v"):
+            lin = _feeding_linears(binds[role], limit=1)
+            if not lin or len(lin) != 1:
+                return None
+            proj[role] = lin[0]
+        inputs = {proj[r].args[0] for r in "qkv"}
+        if len(inputs) != 1:
+            return None  # cross-attention (k/v from another stream) is not a self-attention region
+        outs = _next_linears(anchor)
+        if len(outs) != 1:
+            return None
+        proj["o"] = outs[0]
+        out = _shape(anchor)  # [batch, heads, tokens, head_dim] for every core pattern
+        heads, head_dim = (out[1], out[-1]) if len(out) == 4 else (1, out[-1])
+        k_width = _shape(proj["k"])[-1]
+        if proj["q"] is proj["k"]:  # fused qkv: q is heads*head_dim wide, k and v share the rest
+            k_width = (k_width - heads * head_dim) // 2
+        attrs = {"pattern": pattern, "heads": heads, "kv_heads": k_width // head_dim,
+                 "head_dim": head_dim, "masked": "mask" in binds or len(anchor.args) > 3
+                 or anchor.kwargs.get("attn_mask") is not None, "causal": bool(anchor.kwargs.get("is_causal", False))}
+        if proj["q"] is proj["k"]:
+            roles = {"qkv": _linear_fqn(self.t, proj["q"]), "o": _linear_fqn(self.t, proj["o"])}
+        else:
+            roles = {r: _linear_fqn(self.t, n) for r, n in proj.items()}
+        return self._region("attention", proj["q"].args[0], proj["o"], roles, attrs)
+
+    def mlp(self, anchor: fx.Node, binds: dict, pattern: str) -> Region | None:
+        x = binds["x"]
+        if len(_shape(x)) < 3:
+            return None  # embedders on [batch, features] are not token-mixing MLP layers
+        roles = {}
+        for role, param in binds.items():
+            if role.startswith("w_"):
+                lin = next((u for u in param.users if op_name(u) == "linear" and u.args[1] is param), None)
+                if lin is None:
+                    return None
+                roles[role] = _linear_fqn(self.t, lin)
+        w_in = binds.get("w_in", binds.get("w_up"))
+        attrs = {"pattern": pattern, "width": _shape(x)[-1], "hidden": _shape(w_in)[0]}
+        return self._region("mlp", x, anchor, roles, attrs)
+
+    def _region(self, kind, inp: fx.Node, out: fx.Node, roles, attrs) -> Region | None:
+        nodes = (_forward([inp]) & _backward([out])) | {out}
+        nodes = {n for n in nodes if n.op == "call_function"}
+        fqn = self._common_module(nodes)
+        cover = self._cover(fqn, nodes, _forward([inp])) or []
+        params = set()
+        for n in nodes:
+            for a in n.all_input_nodes:
+                p = self.t.param_fqn(a)
+                if p is not None:
+                    params.add(a)
+        numel = sum(_numel(p) for p in params)
+        flops = sum(_gemm_flops(n) for n in nodes)
+        region = Region(kind, -1, fqn, cover, roles, numel, flops, _shape(inp), _shape(out), attrs)
+        region.attrs["first_node"] = min(self.order[n] for n in nodes)
+        return region
+
+    def _common_module(self, nodes) -> str:
+        stacks = [self.t.stack(n) for n in nodes]
+        common = min(stacks, key=len)
+        for s in stacks:
+            i = 0
+            while i < len(common) and i < len(s) and common[i] == s[i]:
+                i += 1
+            common = common[:i]
+        return common[-1]
+
+    def _cover(self, module: str, part: set, live: set) -> list[str] | None:
+        """Modules computing exactly `part`: `module` itself if nothing else it computes depends on the
+        region's input (except identity ops on its output), else recurse into its children."""
+        inside = self.members[module]
+        if part <= inside and all(n in part or is_look_through(n) for n in inside & live):
+            return [module]
+        by_child: dict[str, set] = defaultdict(set)
+        for n in part:
+            stack = self.t.stack(n)
+            depth = stack.index(module)
+            if depth + 1 < len(stack):
+                by_child[stack[depth + 1]].add(n)
+            elif not is_look_through(n):
+                return None  # real computation inline in `module`'s forward: no module boundary fits
+        covers = []
+        for child in sorted(by_child, key=lambda c: min(self.order[n] for n in by_child[c])):
+            sub = self._cover(child, by_child[child], live)
+            if sub is None:
+                return None
+            covers += sub
+        return covers
+
+
+def _numel(node: fx.Node) -> int:
+    n = 1
+    for s in _shape(node):
+        n *= s
+    return n
+
+
+def find_regions(traced: Traced) -> list[Region]:
+    """Every attention, mlp and block region, each kind indexed in execution order."""
+    b = _Builder(traced)
+    found: dict[str, dict[int, Region]] = {"attention": {}, "mlp": {}}
+    for pattern in PATTERNS:
+        complete = b.attention if pattern.kind == "attention" else b.mlp
+        for anchor, binds in match_pattern(pattern, traced):
+            region = complete(anchor, binds, pattern.name)
+            if region is not None:
+                found[pattern.kind].setdefault(b.order[anchor], region)
+    attention = [found["attention"][k] for k in sorted(found["attention"])]
+    mlps = [found["mlp"][k] for k in sorted(found["mlp"])]
+    blocks = _blocks(attention, mlps, b)
+    in_block = {m.fqn for blk in blocks for m in mlps if _within(m.fqn, blk.fqn)}
+    mlps = [m for m in mlps if m.fqn in in_block]  # e.g. timestep or caption embedders are not layers
+    regions = []
+    for kind, items in (("attention", attention), ("mlp", mlps), ("block", blocks)):
+        for i, r in enumerate(items):
+            r.index = i
+            r.attrs.pop("first_node", None)
+            regions.append(r)
+    return regions
+
+
+def _within(fqn: str, module: str) -> bool:
+    return module == "" or fqn == module or fqn.startswith(module + ".")
+
+
+def _blocks(attention: list[Region], mlps: list[Region], b: _Builder) -> list[Region]:
+    """A block is the smallest module holding exactly one attention region and at least one mlp region."""
+    blocks = []
+    for att in attention:
+        parts = att.fqn.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            module = ".".join(parts[:depth])
+            n_att = sum(_within(a.fqn, module) for a in attention)
+            if n_att > 1:
+                break
+            inner = [m for m in mlps if _within(m.fqn, module)]
+            if inner:
+                members = {n for n in b.members[module] if n.op == "call_function"}
+                params = {a for n in members for a in n.all_input_nodes if b.t.param_fqn(a) is not None}
+                blocks.append(Region(
+                    "block", -1, module, [module], {"attention": att.fqn, "mlp": inner[0].fqn},
+                    params=sum(_numel(p) for p in params), flops=sum(_gemm_flops(n) for n in members),
+                    input_shape=att.input_shape, output_shape=att.input_shape,
+                    attrs={"first_node": min(b.order[n] for n in members)}))
+                break
+    return blocks

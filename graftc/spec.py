@@ -1,0 +1,252 @@
+"""MODEL specs -> (model, example inputs). Every form of DESIGN.md's contract; real loaders, no hub access.
+
+  DIR                      a save_pretrained directory of diffusers or transformers (or a diffusers pipeline)
+  timm:NAME[:k=v,...]      timm.create_model(NAME, **kwargs); checkpoint=PATH loads weights from a file
+  python:MODULE:FUNCTION   FUNCTION() returns (model, example_inputs): a tuple of args or a dict of kwargs
+  demo:NAME                models that ship with graftc
+  dit:CONFIG[:CHECKPOINT]  graftc's DiT (DiT-XL/2, DiT-S/2, ...), random or from an official checkpoint
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from graftc.errors import GraftError
+
+FORMS = "a save_pretrained directory, timm:NAME, python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]"
+DEMOS = {"tiny-dit": "a small class-conditional DiT on 8x8x1 latents"}
+
+
+@dataclass
+class Loaded:
+    spec: str
+    model: torch.nn.Module
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    family: str = ""
+
+
+def load_model(spec: str, seed: int = 0) -> Loaded:
+    """Load a MODEL spec in eval mode with example inputs for tracing. Random inits are seeded."""
+    torch.manual_seed(seed)
+    head, _, rest = spec.partition(":")
+    loaders = {"demo": _load_demo, "dit": _load_dit, "timm": _load_timm, "python": _load_python}
+    if head in loaders and rest:
+        loaded = loaders[head](rest)
+    elif Path(spec).exists():
+        loaded = _load_directory(Path(spec))
+    elif "/" in spec or spec.startswith(".") or not _:
+        raise GraftError(f"model path not found: {spec} (a MODEL is {FORMS})")
+    else:
+        raise GraftError(f"unknown model spec form '{head}:' in {spec!r} (a MODEL is {FORMS})")
+    loaded.spec = spec
+    loaded.model.eval()
+    return loaded
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the base weights a graft was made from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- graftc's own models
+def _load_demo(name: str) -> Loaded:
+    from graftc.models.dit import build_dit, example_inputs
+
+    if name != "tiny-dit":
+        raise GraftError(f"unknown demo model '{name}' (available: {', '.join(DEMOS)})")
+    model = build_dit("tiny")
+    return Loaded("", model, example_inputs(model, batch_size=1), family="dit")
+
+
+def _load_dit(rest: str) -> Loaded:
+    from graftc.models.dit import build_dit, example_inputs, load_dit_checkpoint
+
+    config, _, checkpoint = rest.partition(":")
+    model = build_dit(config)
+    if checkpoint:
+        load_dit_checkpoint(model, checkpoint)
+    return Loaded("", model, example_inputs(model, batch_size=1), family="dit")
+
+
+# ---------------------------------------------------------------- timm
+def _load_timm(rest: str) -> Loaded:
+    name, _, options = rest.partition(":")
+    kwargs = _parse_options(options, f"timm:{rest}")
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or torchvision failing inside timm's import
+        raise GraftError(f"timm:{name}: timm cannot be imported ({type(exc).__name__}: {str(exc)[:120]}); "
+                         "install timm with a torchvision that matches your torch") from None
+    checkpoint = kwargs.pop("checkpoint", None)
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        raise GraftError(f"timm: unknown model '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise GraftError(f"timm:{name}: bad constructor argument: {exc}") from None
+    if checkpoint:
+        _load_weights_file(model, Path(checkpoint))
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    shape = (3, *size) if size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    return Loaded("", model, (torch.randn(1, *shape),), family="timm")
+
+
+def _parse_options(options: str, where: str) -> dict:
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise GraftError(f"{where}: constructor arguments are key=value pairs separated by commas (got {item!r})")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return kwargs
+
+
+def _load_weights_file(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise GraftError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise GraftError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise GraftError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ---------------------------------------------------------------- python:MODULE:FUNCTION
+def _load_python(rest: str) -> Loaded:
+    module_name, _, func_name = rest.rpartition(":")
+    if not module_name or not func_name:
+        raise GraftError(f"python:{rest}: expected python:MODULE:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                raise GraftError(f"python: file not found: {module_name}")
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except GraftError:
+        raise
+    except ImportError as exc:
+        raise GraftError(f"python:{rest}: cannot import {module_name!r}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise GraftError(f"python:{rest}: {module_name} has no function {func_name!r}")
+    result = func()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise GraftError(f"python:{rest}: {func_name}() must return (model, example_inputs), got {type(result).__name__}")
+    model, example = result
+    if isinstance(example, dict):
+        return Loaded("", model, (), dict(example), family="python")
+    if isinstance(example, torch.Tensor):
+        example = (example,)
+    if not isinstance(example, (tuple, list)):
+        raise GraftError(f"python:{rest}: example_inputs must be a tuple of args or a dict of kwargs")
+    return Loaded("", model, tuple(example), family="python")
+
+
+# ---------------------------------------------------------------- save_pretrained directories
+def _load_directory(path: Path) -> Loaded:
+    if (path / "model_index.json").is_file():  # a diffusers pipeline: its denoiser is what we graft
+        for sub in ("transformer", "unet"):
+            if (path / sub / "config.json").is_file():
+                return _load_directory(path / sub)
+        raise GraftError(f"{path}: pipeline directory without a transformer/ or unet/ subfolder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise GraftError(f"{path}: no config.json (expected a save_pretrained directory of diffusers or transformers)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise GraftError(f"{config_file}: not valid JSON: {exc}") from None
+    if "_diffusers_version" in config:
+        return _load_diffusers(path, config)
+    if "model_type" in config:
+        return _load_transformers(path, config)
+    raise GraftError(f"{config_file}: neither a diffusers config (_diffusers_version) nor a transformers config (model_type)")
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def _load_diffusers(path: Path, config: dict) -> Loaded:
+    import diffusers
+
+    name = config.get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise GraftError(f"{path}: '{name}' is not a diffusers model class")
+    model = _from_pretrained(cls, path)
+    return Loaded("", model, (), _diffusers_inputs(model), family="diffusers")
+
+
+def _from_pretrained(cls, path: Path, **kw):
+    try:
+        return cls.from_pretrained(str(path), use_safetensors=_has_safetensors(path), **kw)
+    except Exception as exc:
+        raise GraftError(f"{path}: cannot load {cls.__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def _diffusers_inputs(model) -> dict:
+    """Small inputs a diffusers denoiser accepts, built from its config and forward signature."""
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    size = cfg.get("sample_size") or 8
+    size = size if isinstance(size, int) else size[0]
+    kwargs: dict[str, Any] = {"hidden_states": torch.randn(1, cfg.get("in_channels", 4), size, size),
+                              "timestep": torch.tensor([500])}
+    if "encoder_hidden_states" in params:
+        width = cfg.get("caption_channels") or cfg.get("cross_attention_dim") or cfg.get("joint_attention_dim")
+        if width:
+            kwargs["encoder_hidden_states"] = torch.randn(1, 8, width)
+    if "class_labels" in params and cfg.get("num_embeds_ada_norm"):
+        kwargs["class_labels"] = torch.tensor([0])
+    if "added_cond_kwargs" in params:
+        extra = cfg.get("use_additional_conditions")
+        kwargs["added_cond_kwargs"] = ({"resolution": torch.tensor([[size * 8.0, size * 8.0]]),
+                                        "aspect_ratio": torch.tensor([[1.0]])} if extra
+                                       else {"resolution": None, "aspect_ratio": None})
+    return kwargs
+
+
+def _load_transformers(path: Path, config: dict) -> Loaded:
+    import transformers
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or cls is transformers.AutoModel)):
+        raise GraftError(f"{path}: '{arch}' is not a transformers model class")
+    model = _from_pretrained(cls, path, trust_remote_code=False)
+    vocab = getattr(model.config, "vocab_size", 100) or 100
+    kwargs: dict[str, Any] = {"input_ids": torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))}
+    if "use_cache" in inspect.signature(model.forward).parameters or getattr(model.config, "is_decoder", False):
+        kwargs["use_cache"] = False  # a cache object is runtime state, not part of the computation to trace
+    return Loaded("", model, (), kwargs, family="transformers")

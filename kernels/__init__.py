@@ -1,0 +1,1 @@
+"""Kernels: one file per family, each with its Triton kernel, a plain-PyTorch reference and a dispatcher."""
