@@ -111,7 +111,14 @@ def _fake_forward(state: GraftState, count_flops: bool = False):
 
 def measure(state: GraftState) -> tuple[int, int]:
     """(parameters, forward FLOPs at the example inputs), via a shape-only forward on fake tensors."""
-    signature, flops = _fake_forward(state)
+    try:
+        signature, flops = _fake_forward(state)
+    except GraftError:
+        raise
+    except Exception as exc:  # e.g. data-dependent control flow: the model cannot be traced either
+        from graftc.trace import _describe_trace_failure
+
+        raise GraftError(f"cannot trace {type(state.model).__name__}: {_describe_trace_failure(exc)}") from None
     if not state.signature:
         state.signature = signature
     return sum(p.numel() for p in state.model.parameters()), flops

@@ -7,6 +7,7 @@ adds its op to the schema without touching this file.
 from __future__ import annotations
 
 import difflib
+import numbers
 import re
 import typing
 from functools import lru_cache
@@ -31,11 +32,22 @@ class Select(Strict):
     strategy: Literal["interleaved", "first", "last"] = Field("interleaved", description="which regions `ratio` takes")
     fqn: str | None = Field(None, description='module path, or "re:<regex>" matched against region module paths')
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_type(cls, value):  # one clear message instead of pydantic's per-union-member errors
+        if not (value is None or isinstance(value, str) or (isinstance(value, (list, tuple)) and all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in value))):
+            raise ValueError(f'layers must be a list of indices, a slice string like "1::2", or "all" (got {value!r})')
+        return value
+
     @field_validator("layers")
     @classmethod
     def _layers(cls, value):
         if isinstance(value, str) and value != "all" and not _SLICE.match(value):
             raise ValueError(f'layers must be a list of indices, a slice string like "1::2", or "all" (got {value!r})')
+        step = _SLICE.match(value).group(4) if isinstance(value, str) and value != "all" else None
+        if step is not None and int(step) == 0:
+            raise ValueError(f"layers {value!r}: a slice step cannot be 0")
         if isinstance(value, list) and len(set(value)) != len(value):
             raise ValueError(f"layers lists an index twice: {value}")
         return value

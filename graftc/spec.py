@@ -154,10 +154,17 @@ def _load_python(rest: str) -> Loaded:
         raise
     except ImportError as exc:
         raise GraftError(f"python:{rest}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # SyntaxError or any error raised while the module runs
+        raise GraftError(f"python:{rest}: cannot import {module_name!r}: {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise GraftError(f"python:{rest}: {module_name} has no function {func_name!r}")
-    result = func()
+    try:
+        result = func()
+    except Exception as exc:
+        raise GraftError(f"python:{rest}: {func_name}() raised {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise GraftError(f"python:{rest}: {func_name}() must return (model, example_inputs), got {type(result).__name__}")
     model, example = result

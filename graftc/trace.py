@@ -6,6 +6,10 @@ happens on the user's modules, so the model keeps its class, config and pipeline
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,13 +59,19 @@ def _clean_fqn(path: str) -> str:
 def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Traced:
     """Export `model` on its example inputs (non-strict, so ordinary Python control flow just runs)."""
     kwargs = dict(kwargs or {})
+    # On failure torch.export logs warnings and prints the partial graph to stderr; our one error line says it all.
+    noise, muted = io.StringIO(), logging.root.manager.disable
     try:
-        with torch.no_grad():
+        logging.disable(logging.ERROR)
+        with torch.no_grad(), contextlib.redirect_stderr(noise):
             program = torch.export.export(model, tuple(args), kwargs, strict=False)
     except GraftError:
         raise
     except Exception as exc:  # torch raises many exception types here; report the construct and where
         raise GraftError(f"cannot trace {type(model).__name__}: {_describe_trace_failure(exc)}") from exc
+    finally:
+        logging.disable(muted)
+    sys.stderr.write(noise.getvalue())
     params, user_inputs = {}, set()
     for spec in program.graph_signature.input_specs:
         name = getattr(spec.arg, "name", None)
