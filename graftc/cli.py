@@ -24,6 +24,12 @@ def _inspect(args) -> int:
     return 0
 
 
+def note(line: str) -> None:
+    """Progress for a person watching: only on a terminal, so that on bad input stderr is the one error line."""
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        print(line, file=sys.stderr)
+
+
 def _compile(args) -> int:
     from pathlib import Path
 
@@ -42,9 +48,8 @@ def _compile(args) -> int:
     start = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
     base_hash = weights_hash(loaded.model)
-    print(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    result = graft(loaded.model, plan, loaded.kwargs or loaded.args,
-                   progress=lambda name: print(f"  pass {name}", file=sys.stderr))
+    note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
+    result = graft(loaded.model, plan, loaded.kwargs or loaded.args, progress=lambda name: note(f"  pass {name}"))
     if args.emit_code:
         for fqn in dict.fromkeys(r["fqn"] for r in result.rewrites):
             print(emit_code(result.model, loaded.kwargs or loaded.args, fqn) + "\n")
