@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("plan", help="plan YAML (see plan-schema)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to create")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT (for distillation; a rewrite-only compile is redone)")
     c.add_argument("--seed", type=int, default=0, help="seed for random inits")
     c.add_argument("--emit-code", action="store_true", help="print the traced forward of every rewritten module")
     c.set_defaults(run=_compile)

@@ -114,26 +114,22 @@ def _shape(node) -> list[int]:
     return [int(s) for s in getattr(val, "shape", [])]
 
 
-def _forward(starts: Iterable[fx.Node]) -> set[fx.Node]:
+def _reach(starts: Iterable[fx.Node], step) -> set[fx.Node]:
     seen, todo = set(), list(starts)
     while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
+        for nxt in step(todo.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
     return seen
+
+
+def _forward(starts: Iterable[fx.Node]) -> set[fx.Node]:
+    return _reach(starts, lambda n: n.users)
 
 
 def _backward(ends: Iterable[fx.Node]) -> set[fx.Node]:
-    seen, todo = set(), list(ends)
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+    return _reach(ends, lambda n: n.all_input_nodes)
 
 
 def _feeding_linears(node: fx.Node, limit: int = 2) -> list[fx.Node] | None:
@@ -168,10 +164,6 @@ def _next_linears(node: fx.Node) -> list[fx.Node]:
         elif op_name(n) not in GEMMS:
             todo.extend(n.users)
     return found
-
-
-def _linear_fqn(traced: Traced, node: fx.Node) -> str:
-    return traced.module(node)
 
 
 def _gemm_flops(node: fx.Node) -> int:
@@ -228,9 +220,9 @@ class _Builder:
                  "head_dim": head_dim, "masked": "mask" in binds or len(anchor.args) > 3
                  or anchor.kwargs.get("attn_mask") is not None, "causal": bool(anchor.kwargs.get("is_causal", False))}
         if proj["q"] is proj["k"]:
-            roles = {"qkv": _linear_fqn(self.t, proj["q"]), "o": _linear_fqn(self.t, proj["o"])}
+            roles = {"qkv": self.t.module(proj["q"]), "o": self.t.module(proj["o"])}
         else:
-            roles = {r: _linear_fqn(self.t, n) for r, n in proj.items()}
+            roles = {r: self.t.module(n) for r, n in proj.items()}
         return self._region("attention", proj["q"].args[0], proj["o"], roles, attrs)
 
     def mlp(self, anchor: fx.Node, binds: dict, pattern: str) -> Region | None:
@@ -243,7 +235,7 @@ class _Builder:
                 lin = next((u for u in param.users if op_name(u) == "linear" and u.args[1] is param), None)
                 if lin is None:
                     return None
-                roles[role] = _linear_fqn(self.t, lin)
+                roles[role] = self.t.module(lin)
         w_in = binds.get("w_in", binds.get("w_up"))
         attrs = {"pattern": pattern, "width": _shape(x)[-1], "hidden": _shape(w_in)[0]}
         return self._region("mlp", x, anchor, roles, attrs)

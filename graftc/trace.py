@@ -25,7 +25,6 @@ class Traced:
 
     graph: fx.Graph
     params: dict[str, str]  # placeholder name -> parameter/buffer fqn
-    user_inputs: set[str]  # placeholder names of the model's real inputs
     _stack: dict[fx.Node, tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -44,9 +43,6 @@ class Traced:
 
     def param_fqn(self, node: Any) -> str | None:
         return self.params.get(node.name) if isinstance(node, fx.Node) else None
-
-    def is_param(self, node: Any) -> bool:
-        return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and node.name not in self.user_inputs
 
 
 def _clean_fqn(path: str) -> str:
@@ -72,16 +68,14 @@ def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) 
     finally:
         logging.disable(muted)
     sys.stderr.write(noise.getvalue())
-    params, user_inputs = {}, set()
+    params = {}
     for spec in program.graph_signature.input_specs:
         name = getattr(spec.arg, "name", None)
         if name is None:
             continue
         if spec.target is not None:
             params[name] = spec.target
-        else:
-            user_inputs.add(name)
-    return Traced(graph=program.graph, params=params, user_inputs=user_inputs)
+    return Traced(graph=program.graph, params=params)
 
 
 def _describe_trace_failure(exc: Exception) -> str:
