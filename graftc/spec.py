@@ -38,13 +38,13 @@ class Loaded:
 def load_model(spec: str, seed: int = 0) -> Loaded:
     """Load a MODEL spec in eval mode with example inputs for tracing. Random inits are seeded."""
     torch.manual_seed(seed)
-    head, _, rest = spec.partition(":")
+    head, colon, rest = spec.partition(":")
     loaders = {"demo": _load_demo, "dit": _load_dit, "timm": _load_timm, "python": _load_python}
     if head in loaders and rest:
         loaded = loaders[head](rest)
     elif Path(spec).exists():
         loaded = _load_directory(Path(spec))
-    elif "/" in spec or spec.startswith(".") or not _:
+    elif "/" in spec or spec.startswith(".") or not colon:  # looks like a path, not a FORM:...
         raise GraftError(f"model path not found: {spec} (a MODEL is {FORMS})")
     else:
         raise GraftError(f"unknown model spec form '{head}:' in {spec!r} (a MODEL is {FORMS})")
