@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from graftc import __version__
-from graftc.errors import GraftError
+from graftc.errors import GraftError, read_json
 from graftc.plan import dump_plan
 
 FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
@@ -56,10 +56,7 @@ def read_manifest(out: str | Path) -> dict:
     path = out / "manifest.json"
     if not path.is_file():
         raise GraftError(f"{out}: not a graftc artifact (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise GraftError(f"{path}: not valid JSON: {exc}") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != 1:
         raise GraftError(f"{path}: unsupported manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} (expected 1)")
     return manifest

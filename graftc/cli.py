@@ -15,7 +15,7 @@ def _inspect(args) -> int:
     from graftc.spec import load_model
 
     loaded = load_model(args.model, seed=args.seed)
-    regions = inspect_regions(loaded.model, loaded.kwargs or loaded.args)
+    regions = inspect_regions(loaded.model, loaded.example)
     if args.json:
         print(json.dumps([{"index": r.index, "kind": r.kind, "fqn": r.fqn, "params": r.params, "flops": r.flops,
                            "cover": r.cover, "roles": r.roles, **r.attrs} for r in regions], indent=2))
@@ -49,10 +49,9 @@ def _compile(args) -> int:
     loaded = load_model(args.model, seed=args.seed)
     base_hash = weights_hash(loaded.model)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
-    result = graft(loaded.model, plan, loaded.kwargs or loaded.args, progress=lambda name: note(f"  pass {name}"))
+    result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"))
     if args.emit_code:
-        for fqn in dict.fromkeys(r["fqn"] for r in result.rewrites):
-            print(emit_code(result.model, loaded.kwargs or loaded.args, fqn) + "\n")
+        print(emit_code(result.model, loaded.example, list(dict.fromkeys(r["fqn"] for r in result.rewrites))) + "\n")
     artifact.save(out, result, args.model, base_hash, report_markdown(args.model, result), force=True)
     first, last = result.reports[0], result.reports[-1]
     print(f"rewrote {len(result.rewrites)} regions; params {human(first.params_before)} -> {human(last.params_after)}, "

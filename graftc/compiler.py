@@ -25,6 +25,13 @@ class GraftResult:
     plan: Any = None
 
 
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Example inputs are a tuple of positional args or a dict of keyword args."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
 def _trace_pass(state: GraftState) -> PassResult:
     state.traced = trace(state.model, state.args, state.kwargs)
     return PassResult(False, {"nodes": len(state.traced.graph.nodes)})
@@ -87,15 +94,13 @@ def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=Non
         from graftc.plan import load_plan
 
         plan = parse_plan(plan) if isinstance(plan, dict) else load_plan(plan)
-    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    state = GraftState(model.eval(), args, kwargs)
+    state = GraftState(model.eval(), *split_inputs(example_inputs))
     reports = run_passes(state, build_passes(plan), progress)
     return GraftResult(state.model, state.regions, state.rewrites, reports, plan)
 
 
 def inspect_regions(model: torch.nn.Module, example_inputs: Any = ()) -> list[Region]:
-    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    return find_regions(trace(model, args, kwargs))
+    return find_regions(trace(model, *split_inputs(example_inputs)))
 
 
 def replay(model: torch.nn.Module, rewrites: list[dict]) -> torch.nn.Module:
@@ -110,10 +115,13 @@ def replay(model: torch.nn.Module, rewrites: list[dict]) -> torch.nn.Module:
     return model
 
 
-def emit_code(model: torch.nn.Module, example_inputs: Any, module_fqn: str) -> str:
-    """The traced forward of one rewritten module (its nodes only), as Python over aten ops."""
-    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    traced = trace(model, args, kwargs)
+def emit_code(model: torch.nn.Module, example_inputs: Any, module_fqns: list[str]) -> str:
+    """The traced forward of each rewritten module (its nodes only), as Python over aten ops. Traces once."""
+    traced = trace(model, *split_inputs(example_inputs))
+    return "\n\n".join(_module_code(traced, fqn, type(model.get_submodule(fqn)).__name__) for fqn in module_fqns)
+
+
+def _module_code(traced, module_fqn: str, class_name: str) -> str:
     inside = [n for n in traced.graph.nodes if n.op == "call_function" and module_fqn in traced.stack(n)]
     graph, env = fx.Graph(), {}
 
@@ -126,5 +134,4 @@ def emit_code(model: torch.nn.Module, example_inputs: Any, module_fqn: str) -> s
         env[node] = graph.node_copy(node, arg)
     outputs = [env[n] for n in inside if any(u not in inside for u in n.users)]
     graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    code = graph.python_code("self").src
-    return f"# forward of {module_fqn} ({type(model.get_submodule(module_fqn)).__name__}), traced\n" + code.strip()
+    return f"# forward of {module_fqn} ({class_name}), traced\n" + graph.python_code("self").src.strip()

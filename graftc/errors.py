@@ -1,8 +1,20 @@
 """User-facing errors: one line saying what is wrong, where, and what is allowed."""
 
 
+import json
+from pathlib import Path
+
+
 class GraftError(Exception):
     """Bad input or an impossible request. The CLI prints it on one line and exits with code 2."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def read_json(path: Path):
+    """Parse a JSON file the user or an artifact gave us; a syntax error is a GraftError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise GraftError(f"{path}: not valid JSON: {exc}") from None

@@ -95,7 +95,8 @@ def run_passes(state: GraftState, passes: list[Pass], progress: Callable[[str], 
     return reports
 
 
-def _fake_forward(state: GraftState, count_flops: bool = False):
+def _fake_forward(state: GraftState) -> tuple[list, int, int]:
+    """Output signature, parameter count and forward FLOPs, from a shape-only forward on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,22 +107,21 @@ def _fake_forward(state: GraftState, count_flops: bool = False):
         with counter:
             out = state.model(*args, **kwargs)
         leaves = [(tuple(x.shape), x.dtype) for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-        return leaves, counter.get_total_flops()
+    return leaves, sum(p.numel() for p in state.model.parameters()), counter.get_total_flops()
 
 
 def measure(state: GraftState) -> tuple[int, int]:
-    """(parameters, forward FLOPs at the example inputs), via a shape-only forward on fake tensors."""
+    """(parameters, forward FLOPs) of the model as it is; records the output signature it must keep."""
     try:
-        signature, flops = _fake_forward(state)
+        signature, params, flops = _fake_forward(state)
     except GraftError:
         raise
     except Exception as exc:  # e.g. data-dependent control flow: the model cannot be traced either
-        from graftc.trace import _describe_trace_failure
+        from graftc.trace import describe_failure
 
-        raise GraftError(f"cannot trace {type(state.model).__name__}: {_describe_trace_failure(exc)}") from None
-    if not state.signature:
-        state.signature = signature
-    return sum(p.numel() for p in state.model.parameters()), flops
+        raise GraftError(f"cannot trace {type(state.model).__name__}: {describe_failure(exc)}") from None
+    state.signature = signature
+    return params, flops
 
 
 def lint(state: GraftState, after: str) -> tuple[int, int]:
@@ -133,10 +133,10 @@ def lint(state: GraftState, after: str) -> tuple[int, int]:
             except AttributeError:
                 raise GraftError(f"lint after {after}: module {fqn} rewritten by rule {record['rule']} is gone") from None
     try:
-        signature, flops = _fake_forward(state)
+        signature, params, flops = _fake_forward(state)
     except Exception as exc:
         raise GraftError(f"lint after {after}: the rewritten model no longer runs: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}") from None
     if signature != state.signature:
         raise GraftError(f"lint after {after}: outputs changed from {state.signature} to {signature}")
-    return sum(p.numel() for p in state.model.parameters()), flops
+    return params, flops

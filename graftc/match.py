@@ -241,10 +241,11 @@ class _Builder:
         return self._region("mlp", x, anchor, roles, attrs)
 
     def _region(self, kind, inp: fx.Node, out: fx.Node, roles, attrs) -> Region | None:
-        nodes = (_forward([inp]) & _backward([out])) | {out}
+        live = _forward([inp])  # everything the region's input reaches
+        nodes = (live & _backward([out])) | {out}
         nodes = {n for n in nodes if n.op == "call_function"}
         fqn = self._common_module(nodes)
-        cover = self._cover(fqn, nodes, _forward([inp])) or []
+        cover = self._cover(fqn, nodes, live) or []
         params = set()
         for n in nodes:
             for a in n.all_input_nodes:

@@ -232,12 +232,11 @@ def select_regions(select: Select, regions: list[Region], where: str) -> list[Re
         return pool
     if isinstance(select.layers, str):
         parts = [int(p) if p.strip() else None for p in (select.layers.split(":") + [""])[:3]]
-        return pool[slice(*parts)] or _empty(where, select.layers, n, select.kind)
+        chosen = pool[slice(*parts)]
+        if not chosen:
+            raise GraftError(f"{where}: layers {select.layers!r} selects none of the model's {n} {select.kind} regions")
+        return chosen
     bad = [i for i in select.layers if not -n <= i < n]
     if bad:
         raise GraftError(f"{where}: layer index {bad[0]} out of range: the model has {n} {select.kind} regions (0..{n - 1})")
     return [pool[i] for i in select.layers]
-
-
-def _empty(where, layers, n, kind):
-    raise GraftError(f"{where}: layers {layers!r} selects none of the model's {n} {kind} regions")

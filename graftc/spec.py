@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from graftc.errors import GraftError
+from graftc.errors import GraftError, read_json
 
 FORMS = "a save_pretrained directory, timm:NAME, python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]"
 DEMOS = {"tiny-dit": "a small class-conditional DiT on 8x8x1 latents"}
@@ -33,6 +32,11 @@ class Loaded:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     family: str = ""
+
+    @property
+    def example(self):
+        """The example inputs as graftc.compile takes them: kwargs if any, else positional args."""
+        return self.kwargs or self.args
 
 
 def load_model(spec: str, seed: int = 0) -> Loaded:
@@ -187,10 +191,7 @@ def _load_directory(path: Path) -> Loaded:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise GraftError(f"{path}: no config.json (expected a save_pretrained directory of diffusers or transformers)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise GraftError(f"{config_file}: not valid JSON: {exc}") from None
+    config = read_json(config_file)
     if "_diffusers_version" in config:
         return _load_diffusers(path, config)
     if "model_type" in config:

@@ -64,21 +64,15 @@ def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) 
     except GraftError:
         raise
     except Exception as exc:  # torch raises many exception types here; report the construct and where
-        raise GraftError(f"cannot trace {type(model).__name__}: {_describe_trace_failure(exc)}") from exc
+        raise GraftError(f"cannot trace {type(model).__name__}: {describe_failure(exc)}") from exc
     finally:
         logging.disable(muted)
     sys.stderr.write(noise.getvalue())
-    params = {}
-    for spec in program.graph_signature.input_specs:
-        name = getattr(spec.arg, "name", None)
-        if name is None:
-            continue
-        if spec.target is not None:
-            params[name] = spec.target
+    params = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs if spec.target is not None}
     return Traced(graph=program.graph, params=params)
 
 
-def _describe_trace_failure(exc: Exception) -> str:
+def describe_failure(exc: Exception) -> str:
     """The first line of torch's message plus the innermost user frame, which names the module and line."""
     import traceback
 

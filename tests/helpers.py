@@ -42,7 +42,7 @@ def graft(loaded, plan: dict):
     """Compile a deep copy of loaded.model by plan; returns (teacher outputs, result)."""
     teacher = run(loaded.model, loaded)
     model = copy.deepcopy(loaded.model)
-    result = graftc.compile(model, plan, loaded.kwargs or loaded.args)
+    result = graftc.compile(model, plan, loaded.example)
     return teacher, result
 
 

@@ -35,7 +35,7 @@ def family(request, tmp_path_factory):
 
 def test_inspect_counts(family):
     _, loaded = family
-    regions = graftc.inspect_regions(loaded.model, loaded.kwargs or loaded.args)
+    regions = graftc.inspect_regions(loaded.model, loaded.example)
     kinds = [r.kind for r in regions]
     assert kinds.count("attention") == DEPTH
     assert kinds.count("mlp") == DEPTH
@@ -95,5 +95,5 @@ def test_emit_code_shows_rewritten_forward(family):
     _, loaded = family
     _, result = graft(loaded, plan_of(({"kind": "mlp", "layers": [1]}, {"op": "mlp", "ratio": 2})))
     fqn = result.rewrites[0]["fqn"]
-    code = graftc.compiler.emit_code(result.model, loaded.kwargs or loaded.args, fqn)
+    code = graftc.compiler.emit_code(result.model, loaded.example, [fqn])
     assert f"forward of {fqn}" in code and "aten.linear" in code

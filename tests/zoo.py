@@ -153,11 +153,11 @@ def qwen3(directory, depth: int = 2, heads: int = 4, kv_heads: int = 2, head_dim
     return _save(make_qwen3(depth=depth, heads=heads, kv_heads=kv_heads, head_dim=head_dim), directory)
 
 
-def make_qwen3(depth: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 8):
-    """In-memory (unsaved, eval-mode) model of :func:`qwen3`; same seed, so same weights."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _causal_lm(config_name: str, model_name: str, depth: int, heads: int, kv_heads: int, head_dim: int):
+    """A seeded, eval-mode transformers causal LM of the given family with the zoo's shared sizes."""
+    import transformers
 
-    config = Qwen3Config(
+    config = getattr(transformers, config_name)(
         vocab_size=VOCAB_SIZE,
         hidden_size=heads * head_dim,
         intermediate_size=64,
@@ -169,8 +169,12 @@ def make_qwen3(depth: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int 
         tie_word_embeddings=False,
     )
     torch.manual_seed(SEED)
-    model = Qwen3ForCausalLM(config)
-    return model.eval()
+    return getattr(transformers, model_name)(config).eval()
+
+
+def make_qwen3(depth: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 8):
+    """In-memory (unsaved, eval-mode) model of :func:`qwen3`; same seed, so same weights."""
+    return _causal_lm("Qwen3Config", "Qwen3ForCausalLM", depth, heads, kv_heads, head_dim)
 
 
 def llama(directory, depth: int = 2, heads: int = 4, kv_heads: int = 4, head_dim: int = 8) -> str:
@@ -193,22 +197,7 @@ def llama(directory, depth: int = 2, heads: int = 4, kv_heads: int = 4, head_dim
 
 def make_llama(depth: int = 2, heads: int = 4, kv_heads: int = 4, head_dim: int = 8):
     """In-memory (unsaved, eval-mode) model of :func:`llama`; same seed, so same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=heads * head_dim,
-        intermediate_size=64,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config)
-    return model.eval()
+    return _causal_lm("LlamaConfig", "LlamaForCausalLM", depth, heads, kv_heads, head_dim)
 
 
 def bert(directory, depth: int = 2, heads: int = 2, head_dim: int = 8) -> str:
