@@ -13,6 +13,7 @@ from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
 from graftc.match import Region, find_regions
 from graftc.plan import parse_plan, select_regions
 from graftc.rules import rules_by_op, set_submodule
+from graftc.site import probe
 from graftc.trace import trace
 
 
@@ -39,6 +40,7 @@ def _trace_pass(state: GraftState) -> PassResult:
 
 def _match_pass(state: GraftState) -> PassResult:
     state.regions = find_regions(state.traced)
+    probe(state.model, state.args, state.kwargs, state.regions)
     counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block")}
     return PassResult(False, counts)
 
@@ -100,7 +102,10 @@ def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=Non
 
 
 def inspect_regions(model: torch.nn.Module, example_inputs: Any = ()) -> list[Region]:
-    return find_regions(trace(model, *split_inputs(example_inputs)))
+    args, kwargs = split_inputs(example_inputs)
+    regions = find_regions(trace(model, args, kwargs))
+    probe(model, args, kwargs, regions)
+    return regions
 
 
 def replay(model: torch.nn.Module, rewrites: list[dict]) -> torch.nn.Module:

@@ -95,19 +95,25 @@ def run_passes(state: GraftState, passes: list[Pass], progress: Callable[[str], 
     return reports
 
 
-def _fake_forward(state: GraftState) -> tuple[list, int, int]:
-    """Output signature, parameter count and forward FLOPs, from a shape-only forward on fake tensors."""
+def fake_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, int]:
+    """One shape-only forward on fake tensors: (output, forward FLOPs). Hooks on the model still fire."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-        args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in state.args)
-        kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in state.kwargs.items()}
+        args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         counter = FlopCounterMode(display=False)
         with counter:
-            out = state.model(*args, **kwargs)
-        leaves = [(tuple(x.shape), x.dtype) for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-    return leaves, sum(p.numel() for p in state.model.parameters()), counter.get_total_flops()
+            out = model(*args, **kwargs)
+    return out, counter.get_total_flops()
+
+
+def _fake_forward(state: GraftState) -> tuple[list, int, int]:
+    """Output signature, parameter count and forward FLOPs of the model as it is."""
+    out, flops = fake_forward(state.model, state.args, state.kwargs)
+    leaves = [(tuple(x.shape), x.dtype) for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+    return leaves, sum(p.numel() for p in state.model.parameters()), flops
 
 
 def measure(state: GraftState) -> tuple[int, int]:

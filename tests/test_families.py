@@ -11,16 +11,8 @@ from graftc.spec import load_model
 from tests import zoo
 from tests.helpers import graft, max_diff, perturb, plan_of, run, save_and_load
 
-DEPTH = 4
-FAMILIES = {
-    "diffusers-dit": lambda d: zoo.diffusers_dit(d, depth=DEPTH),
-    "pixart-sigma": lambda d: zoo.pixart(d, depth=DEPTH),
-    "qwen3-gqa": lambda d: zoo.qwen3(d, depth=DEPTH),
-    "llama": lambda d: zoo.llama(d, depth=DEPTH),
-    "bert": lambda d: zoo.bert(d, depth=DEPTH),
-    "graftc-dit": lambda d: "dit:tiny",
-    "demo": lambda d: "demo:tiny-dit",
-}
+DEPTH = zoo.FAMILY_DEPTH
+FAMILIES = zoo.FAMILIES
 SELF_50 = plan_of(({"kind": "attention", "ratio": 0.5}, {"op": "self", "init": "copy"}),
                   ({"kind": "mlp", "ratio": 0.5, "strategy": "first"}, {"op": "self", "init": "copy"}))
 

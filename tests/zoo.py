@@ -364,3 +364,16 @@ def pixart_pipeline(transformer):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+FAMILY_DEPTH = 4
+# Every model family graftc supports, as a MODEL spec (saved to `directory` where it is a save_pretrained dir).
+FAMILIES = {
+    "diffusers-dit": lambda d: diffusers_dit(d, depth=FAMILY_DEPTH),
+    "pixart-sigma": lambda d: pixart(d, depth=FAMILY_DEPTH),
+    "qwen3-gqa": lambda d: qwen3(d, depth=FAMILY_DEPTH),
+    "llama": lambda d: llama(d, depth=FAMILY_DEPTH),
+    "bert": lambda d: bert(d, depth=FAMILY_DEPTH),
+    "graftc-dit": lambda d: "dit:tiny",
+    "demo": lambda d: "demo:tiny-dit",
+}
