@@ -1,0 +1,108 @@
+"""Hyena gated convolutions (METHOD.md): `hyena_x`, `hyena_y`, `hyena_se` for attention, `mlp_hyena_x` for MLPs.
+
+All four are one module: in_proj D -> 3*Dm, the fused gated short convolution of graftc.kernels.hyena, and
+out_proj Dm -> D'. They differ only in which convolutions run:
+- hyena_x: featurizer (depthwise causal conv over all 3*Dm channels), then y = q * k * v;
+- hyena_y: no featurizer; y = q * inner(k * v), the inner filter identity-initialized (last tap 1);
+- hyena_se: featurizer, then the inner filter;
+- mlp_hyena_x: hyena_x with Dm = 2D (in_proj D -> 6D, out_proj 2D -> D: about the parameters of an r=4 MLP).
+
+Attention ops with `init: teacher` take q|k|v rows of in_proj and out_proj from the teacher's attention (GQA heads
+repeated) and start the featurizer as the identity, so at step 0 the operator gates the teacher's own projections.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from graftc.kernels.hyena import hyena_conv
+from graftc.match import Region
+from graftc.rules import Rule
+from graftc.passes.common import MixerConfig, guard_site, install, like, linear, teacher_attention, widths
+
+KernelField = Field(4, ge=1, le=128, description="taps of each causal short convolution")
+
+
+class HyenaMixer(torch.nn.Module):
+    def __init__(self, width: int, inner: int, out_width: int, kernel: int, featurize: bool, inner_filter: bool,
+                 **like):
+        super().__init__()
+        self.in_proj = linear(width, 3 * inner, **like)
+        self.out_proj = linear(inner, out_width, **like)
+        self.feat_weight = self.feat_bias = self.inner_weight = None
+        if featurize:
+            self.feat_weight = torch.nn.Parameter(torch.empty(3 * inner, kernel, **like))
+            self.feat_bias = torch.nn.Parameter(torch.zeros(3 * inner, **like))
+            bound = 1 / math.sqrt(kernel)  # nn.Conv1d's default for a depthwise kernel
+            torch.nn.init.uniform_(self.feat_weight, -bound, bound)
+        if inner_filter:
+            self.inner_weight = torch.nn.Parameter(identity_taps(inner, kernel, **like))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.in_proj(x)
+        return self.out_proj(hyena_conv(u, self.feat_weight, self.feat_bias, self.inner_weight))
+
+
+def identity_taps(channels: int, kernel: int, **like) -> torch.Tensor:
+    taps = torch.zeros(channels, kernel, **like)
+    taps[:, -1] = 1.0
+    return taps
+
+
+class HyenaConfig(MixerConfig):
+    kernel: int = KernelField
+
+
+class HyenaXConfig(HyenaConfig):
+    op: Literal["hyena_x"] = "hyena_x"
+
+
+class HyenaYConfig(HyenaConfig):
+    op: Literal["hyena_y"] = "hyena_y"
+
+
+class HyenaSEConfig(HyenaConfig):
+    op: Literal["hyena_se"] = "hyena_se"
+
+
+class MlpHyenaConfig(MixerConfig):
+    op: Literal["mlp_hyena_x"] = "mlp_hyena_x"
+    kernel: int = KernelField
+    init: Literal["random"] = Field("random", description="random only: an MLP's weights have no q/k/v to start from")
+
+
+VARIANTS = {"hyena_x": (True, False), "hyena_y": (False, True), "hyena_se": (True, True)}
+
+
+def build_hyena(region: Region, config: HyenaConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    featurize, inner_filter = VARIANTS[config.op]
+    width, out_width = widths(region)
+    inner = region.attrs["heads"] * region.attrs["head_dim"]
+    mixer = HyenaMixer(width, inner, out_width, config.kernel, featurize, inner_filter, **like(region, model))
+    if config.init == "teacher":
+        teacher = teacher_attention(region, model)
+        mixer.in_proj = linear(width, 3 * inner, teacher.qkv_weight, teacher.qkv_bias, **like(region, model))
+        mixer.out_proj = linear(inner, out_width, teacher.o_weight, teacher.o_bias, **like(region, model))
+        if featurize:
+            with torch.no_grad():
+                mixer.feat_weight.copy_(identity_taps(3 * inner, config.kernel))
+    return install(region, mixer)
+
+
+def build_mlp_hyena(region: Region, config: MlpHyenaConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    width, out_width = widths(region)
+    return install(region, HyenaMixer(width, 2 * width, out_width, config.kernel, True, False, **like(region, model)))
+
+
+hyena_rules = [
+    Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena, guard_site,
+         summary="Hyena-X: featurizer short conv, then q*k*v gating"),
+    Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, guard_site, summary="Hyena-Y: q * inner_conv(k*v)"),
+    Rule("hyena_se", ("attention",), HyenaSEConfig, build_hyena, guard_site,
+         summary="Hyena-SE: featurizer, then q * inner_conv(k*v)"),
+    Rule("mlp_hyena_x", ("mlp",), MlpHyenaConfig, build_mlp_hyena, guard_site,
+         summary="Hyena-X as an MLP: in_proj d->6d, short conv, 3-way gating, out_proj 2d->d"),
+]

@@ -1,0 +1,95 @@
+"""`mamba2`: the Mamba-2 mixer (state space duality), in plain PyTorch with the chunked SSD of graftc.kernels.ssd.
+
+x -> in_proj -> [z | x | B | C | dt]; causal depthwise conv + SiLU over [x | B | C]; SSD scan per head with scalar
+decay exp(dt * A); y + D * x; gated RMSNorm with SiLU(z); out_proj. Defaults are the grafting paper's Mamba-2
+(d_state 64, conv 4, expand 2, head dim 16). Causal by construction (it scans the raster order once).
+Only `init: random`: the teacher's softmax attention has no counterpart of A, dt or the state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from graftc.kernels.ssd import ssd
+from graftc.match import Region
+from graftc.passes.common import MixerConfig, guard_site, install, like, linear, widths
+from graftc.rules import Rule
+
+
+class Mamba2Mixer(torch.nn.Module):
+    def __init__(self, width: int, out_width: int, d_state: int = 64, d_conv: int = 4, expand: int = 2,
+                 head_dim: int = 16, groups: int = 1, chunk: int = 64, **like):
+        super().__init__()
+        self.inner, self.d_state, self.head_dim, self.groups, self.chunk = expand * width, d_state, head_dim, groups, chunk
+        self.heads = self.inner // head_dim
+        conv_channels = self.inner + 2 * groups * d_state
+        self.in_proj = linear(width, self.inner + conv_channels + self.heads, has_bias=False, **like)
+        bound = 1 / math.sqrt(d_conv)
+        self.conv_weight = torch.nn.Parameter(torch.empty(conv_channels, d_conv, **like).uniform_(-bound, bound))
+        self.conv_bias = torch.nn.Parameter(torch.zeros(conv_channels, **like))
+        # dt starts log-uniform in [1e-3, 1e-1] (stored through softplus's inverse), decay rates A in [1, 16]
+        dt = torch.exp(torch.empty(self.heads).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = torch.nn.Parameter((dt + torch.log(-torch.expm1(-dt))).to(**like))
+        self.A_log = torch.nn.Parameter(torch.log(torch.empty(self.heads).uniform_(1, 16)).to(**like))
+        self.D = torch.nn.Parameter(torch.ones(self.heads, **like))
+        self.norm_weight = torch.nn.Parameter(torch.ones(self.inner, **like))
+        self.out_proj = linear(self.inner, out_width, has_bias=False, **like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length = x.shape[0], x.shape[-2]
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
+        xbc = F.silu(causal_conv1d(xbc, self.conv_weight, self.conv_bias))
+        xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], -1)
+        y = ssd(xs.reshape(batch, length, self.heads, self.head_dim), F.softplus(dt + self.dt_bias),
+                -torch.exp(self.A_log.float()), b.reshape(batch, length, self.groups, self.d_state),
+                c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk)
+        y = y.reshape(batch, length, self.inner).to(x.dtype) * F.silu(z)
+        y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(y.dtype) * self.norm_weight
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, d_state={self.d_state}, groups={self.groups}"
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv over [B, L, C]; tap K-1 multiplies the current position."""
+    kernel = weight.shape[-1]
+    y = F.conv1d(F.pad(x.transpose(1, 2), (kernel - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[-1])
+    return y.transpose(1, 2)
+
+
+class Mamba2Config(MixerConfig):
+    op: Literal["mamba2"] = "mamba2"
+    init: Literal["random"] = Field("random", description="random only: softmax attention has no state to copy")
+    d_state: int = Field(64, ge=1, le=1024, description="state size per head")
+    d_conv: int = Field(4, ge=1, le=64, description="taps of the causal conv before the scan")
+    expand: int = Field(2, ge=1, le=8, description="inner width / model width")
+    head_dim: int = Field(16, ge=1, description="channels per SSD head; must divide expand x width")
+    groups: int = Field(1, ge=1, description="B/C groups shared by heads; must divide the head count")
+    chunk: int = Field(64, ge=1, le=1024, description="chunk length of the SSD algorithm")
+
+
+def build_mamba2(region: Region, config: Mamba2Config, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    width, out_width = widths(region)
+    mixer = Mamba2Mixer(width, out_width, config.d_state, config.d_conv, config.expand, config.head_dim,
+                        config.groups, config.chunk, **like(region, model))
+    return install(region, mixer)
+
+
+def guard_mamba2(region: Region, config: Mamba2Config) -> str | None:
+    inner = config.expand * region.input_shape[-1]
+    if inner % config.head_dim:
+        return f"head_dim {config.head_dim} does not divide the inner width {inner} (expand x width)"
+    if (inner // config.head_dim) % config.groups:
+        return f"groups {config.groups} does not divide the {inner // config.head_dim} heads"
+    return guard_site(region, config)
+
+
+mamba2_rules = [
+    Rule("mamba2", ("attention",), Mamba2Config, build_mamba2, guard_mamba2,
+         summary="Mamba-2 (SSD) mixer, pure PyTorch, causal over the token order"),
+]
