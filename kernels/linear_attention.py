@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graftc.kernels.dispatch import use_reference
+from graftc.kernels.flops import formula
 
 __all__ = ["linear_attention", "linear_attention_reference", "elu_plus_one", "relu", "HedgehogFeatureMap"]
 
@@ -30,6 +31,8 @@ def _check(phi_q: Tensor, phi_k: Tensor, v: Tensor) -> None:
     if v.dim() != 4 or v.shape[:3] != phi_k.shape[:3]:
         raise ValueError(f"linear_attention: v {tuple(v.shape)} must be [B, H, N, dv] "
                          f"matching phi_k {tuple(phi_k.shape)}")
+    if v.shape[2] < 1:
+        raise ValueError("linear_attention: the sequence is empty")
 
 
 def _with_ones(v: Tensor, dtype: torch.dtype) -> Tensor:
@@ -101,6 +104,17 @@ def _run(phi_q, phi_k, v, causal, eps, chunk):
 @_linear_attention_op.register_fake
 def _(phi_q, phi_k, v, causal, eps, chunk):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@formula(torch.ops.graftc.linear_attention)
+def _linear_attention_flops(phi_q, phi_k, v, causal, eps, chunk, **kwargs) -> int:
+    """Non-causal: phi_k^T [v, 1] then phi_q times it. Causal adds the masked product within each chunk."""
+    batch, heads, tokens, features = phi_q
+    values = v[-1] + 1  # the normalizer rides along as one more value column
+    flops = 4 * batch * heads * tokens * features * values
+    if causal:
+        flops += 2 * batch * heads * tokens * min(chunk, tokens) * (features + values)
+    return flops
 
 
 def _setup_context(ctx, inputs, output):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graftc.kernels.dispatch import use_reference
+from graftc.kernels.flops import formula
 
 __all__ = ["ssd", "ssd_reference", "ssd_chunked"]
 
@@ -45,6 +46,8 @@ def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, in
             raise ValueError(f"ssd: {name} has shape {tuple(tensor.shape)}, expected {shape}")
     if heads % groups:
         raise ValueError(f"ssd: {heads} heads do not split into {groups} groups")
+    if length < 1:
+        raise ValueError("ssd: the sequence is empty")
 
 
 def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
@@ -157,6 +160,15 @@ def _(x, dt, A, B, C, D, chunk, initial_state):
     batch, _, heads, head_dim = x.shape
     state = x.new_empty(batch, heads, B.shape[3], head_dim, dtype=_compute_dtype(x))
     return torch.empty_like(x, memory_format=torch.contiguous_format), state
+
+
+@formula(torch.ops.graftc.ssd)
+def _ssd_flops(x, dt, A, B, C, D, chunk, initial_state, **kwargs) -> int:
+    """Chunked SSD: C.B^T within a chunk (per group), its product with x (per head), state in and out."""
+    batch, length, heads, head_dim = x
+    groups, state = B[2], B[3]
+    q = min(chunk, length)
+    return 2 * batch * length * (groups * q * state + heads * q * head_dim + 2 * heads * state * head_dim)
 
 
 def _setup_context(ctx, inputs, output):

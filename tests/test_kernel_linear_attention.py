@@ -85,6 +85,7 @@ def test_non_causal_sees_the_future():
 
 @pytest.mark.parametrize("causal", [pytest.param(False, id="full"), pytest.param(True, id="causal")])
 def test_op_follows_the_kernel_mode(monkeypatch, causal):
+    monkeypatch.setenv("GRAFTC_KERNELS", "auto")
     inputs = make_inputs(70, seed=3)
     assert torch.equal(linear_attention(*inputs, causal, chunk=16),
                        linear_attention_chunked(*inputs, causal, chunk=16))
@@ -136,6 +137,8 @@ def test_rejects_mismatched_shapes():
         linear_attention(phi_q, phi_k[..., :4], v, True)
     with pytest.raises(ValueError, match="must be"):
         linear_attention(phi_q, phi_k, v[:, :, :5], False)
+    with pytest.raises(ValueError, match="empty"):
+        linear_attention(phi_q[:, :, :0], phi_k[:, :, :0], v[:, :, :0], True)
 
 
 @pytest.mark.parametrize("feature_map", [elu_plus_one, relu, HedgehogFeatureMap(8, 3)],

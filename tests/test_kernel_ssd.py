@@ -117,6 +117,7 @@ def test_causal(step):
 
 
 def test_op_follows_the_kernel_mode(monkeypatch):
+    monkeypatch.setenv("GRAFTC_KERNELS", "auto")
     inputs = make_inputs(70, groups=2, seed=5)
     assert torch.equal(ssd(*inputs, chunk=16), ssd_chunked(*inputs, chunk=16))
     monkeypatch.setenv("GRAFTC_KERNELS", "reference")
@@ -174,3 +175,5 @@ def test_rejects_mismatched_shapes():
         ssd(x, dt, A, B, C[..., :8], D)
     with pytest.raises(ValueError, match="initial_state has shape"):
         ssd(x, dt, A, B, C, D, initial_state=torch.zeros(1, 4, 8, 16))
+    with pytest.raises(ValueError, match="empty"):
+        ssd(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D)
