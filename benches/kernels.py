@@ -5,7 +5,7 @@
   projection once, write [B, L, D]) as a fraction of the device's bandwidth.
 - Local attention (`window_attention` w=4 as in the paper, `neighborhood_attention` 7x7 and 9x9) vs full SDPA
   (no mask), the dense masked reference (where the N x N mask fits) and compiled FlexAttention with the same
-  mask (2D: tokens reordered tile by tile so Flex blocks are rectangles): achieved TFLOP/s counting only the
+  mask: achieved TFLOP/s counting only the
   pairs inside the window, as a fraction of the device's GEMM peak.
 
 The device's peaks: on CPU measured here first (a large copy and a large fp32 GEMM); on GPU the datasheet
@@ -103,11 +103,10 @@ def bench_local(device: str, dtype: torch.dtype, grids: dict, reps: int, peaks: 
         cases = {"window w=4": (lambda: window_attention(q, k, v, 4), lambda: window_attention_reference(q, k, v, 4),
                                 flex_window_attention(tokens, 4, device=device), _pairs_1d(tokens, 4))}
         for kernel in (7, 9):
-            tile = (8, 16) if height % 8 == 0 and width % 16 == 0 else None
             cases[f"neighborhood {kernel}x{kernel}"] = (
                 lambda kernel=kernel: neighborhood_attention(q, k, v, (height, width), kernel),
                 lambda kernel=kernel: neighborhood_attention_reference(q, k, v, (height, width), kernel),
-                flex_neighborhood_attention((height, width), kernel, tile=tile, device=device),
+                flex_neighborhood_attention((height, width), kernel, device=device),
                 _pairs_2d(height, width, kernel))
         full = lambda: F.scaled_dot_product_attention(q, k, v)
         for case, (ours, reference, flex, pairs) in cases.items():

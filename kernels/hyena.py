@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graftc.kernels import dispatch
+from graftc.kernels.flops import formula
 
 try:  # triton is optional: graftc imports and runs on CPU without it
     import triton
@@ -396,10 +397,11 @@ class _Launch(NamedTuple):
     tiles_per_chunk: int
 
 
-def _launch_config(u: Tensor, length: int, channels: int, batch: int) -> _Launch:
+def _launch_config(u: Tensor, length: int, channels: int, batch: int, gpu_block_l: int) -> _Launch:
     if u.is_cuda:
-        # 32 x 128 fp32 tiles: 32 registers per live tile at 4 warps; 128 channels = 256-byte coalesced rows.
-        block_l, block_d, warps = 32, 128, 4
+        # 64 channels = one 128-byte line per bf16 row; 4 warps. gpu_block_l keeps every kernel variant free of
+        # register spills (ptxas, sm_90, bf16: 48 to 198 registers a thread; 16 rows would spill Hyena-SE).
+        block_l, block_d, warps = gpu_block_l, 64, 4
         programs = 4 * torch.cuda.get_device_properties(u.device).multi_processor_count
     else:
         # The interpreter costs ~0.1 ms per op and program: few, large programs (2 chunks exercise the walk).
@@ -452,7 +454,8 @@ def _triton_forward(u: Tensor, feat_weight, feat_bias, inner_weight) -> Tensor:
     y = torch.empty(batch, length, width, dtype=u.dtype, device=u.device)
     if y.numel() == 0:
         return y
-    launch = _launch_config(u, length, width, batch)
+    hyena_se = feat_weight is not None and inner_weight is not None  # K x K shifted loads: half the rows
+    launch = _launch_config(u, length, width, batch, gpu_block_l=8 if hyena_se else 16)
     grid = (triton.cdiv(length, launch.block_l), triton.cdiv(width, launch.block_d), batch)
     kernels.forward[grid](
         u, *_pointers(u, feat_weight, feat_bias, inner_weight), y, length, width,
@@ -474,7 +477,7 @@ def _triton_backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weig
         zeros = [None if w is None else torch.zeros_like(w) for w in (feat_weight, feat_bias, inner_weight)]
         return (da.to(u.dtype), *zeros)
 
-    launch = _launch_config(u, length, width, batch)
+    launch = _launch_config(u, length, width, batch, gpu_block_l=8 if inner_weight is not None else 16)
     d_inner = torch.empty(batch * launch.chunks, flags["KI"], width, dtype=torch.float32, device=u.device)
     kernels.gate_backward[(triton.cdiv(width, launch.block_d), batch, launch.chunks)](
         u, *_pointers(u, feat_weight, feat_bias, inner_weight), grad, da, d_inner,
@@ -486,7 +489,7 @@ def _triton_backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weig
     if feat_weight is None:
         return da, None, None, d_inner
 
-    launch = _launch_config(u, length, channels, batch)
+    launch = _launch_config(u, length, channels, batch, gpu_block_l=16)
     du = torch.empty_like(u)
     d_feat = torch.empty(batch * launch.chunks, flags["KF"], channels, dtype=torch.float32, device=u.device)
     d_bias = torch.empty(batch * launch.chunks, channels, dtype=torch.float32, device=u.device)
@@ -565,6 +568,24 @@ def _backward(ctx, grad):
 
 
 _hyena_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@formula(torch.ops.graftc.hyena_conv)
+def _hyena_flops(u, feat_weight, feat_bias, inner_weight, **kwargs) -> int:
+    """Multiply-adds of the featurizer over 3D channels and the inner filter over D, plus the two gating products."""
+    batch, length, channels = u
+    width = channels // 3
+    per_position = 2 * width
+    if feat_weight is not None:
+        per_position += 2 * channels * feat_weight[-1]
+    if inner_weight is not None:
+        per_position += 2 * width * inner_weight[-1]
+    return batch * length * per_position
+
+
+@formula(torch.ops.graftc.hyena_conv_backward)
+def _hyena_backward_flops(grad, u, feat_weight, feat_bias, inner_weight, **kwargs) -> int:
+    return 2 * _hyena_flops(u, feat_weight, feat_bias, inner_weight)  # recompute forward, then its adjoint
 
 
 def hyena_conv(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=None) -> Tensor:

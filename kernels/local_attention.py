@@ -15,8 +15,10 @@ rectangle of queries (or keys, in the backward) and loop over only the rectangle
 halo, flash style. Neither ever builds the N x N matrix; the references do.
 
 Dispatch inside the ops (graftc.kernels.dispatch): CUDA -> Triton, CPU -> blocked, GRAFTC_KERNELS=triton forces
-Triton (on CPU tensors that needs TRITON_INTERPRET=1 before the first Triton launch: the kernels are compiled
-lazily, so importing graftc earlier is fine), GRAFTC_KERNELS=reference runs the dense reference.
+Triton, GRAFTC_KERNELS=reference runs the dense reference. Triton on CPU tensors runs in Triton's interpreter,
+which needs TRITON_INTERPRET=1 in the environment before triton is first imported (triton.jit, here and in
+triton.language itself, decides then; note torch.utils.flop_counter imports triton, and graftc.kernels imports
+that), so set it before importing graftc.
 
 The ops return (out, lse): lse, each query's log-sum-exp of scaled scores, is what the backward rebuilds the
 probabilities from; it is not differentiable. The public functions return out.
@@ -32,13 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graftc.kernels.dispatch import use_reference, use_triton
+from graftc.kernels.flops import attention_pair_flops, formula, pairs_1d, pairs_2d
 
 try:  # Triton is optional: without it every CPU path still works.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-    tl = None
+    triton = tl = None
 
 __all__ = [
     "window_attention", "neighborhood_attention",
@@ -176,6 +178,7 @@ def neighborhood_attention_reference(q: Tensor, k: Tensor, v: Tensor, grid: tupl
 
 @dataclass(frozen=True)
 class _Tiling:
+    """The window's grid cut into tiles of ty x tx queries (the last row and column of tiles padded)."""
     win: _Window
     ty: int
     tx: int
@@ -344,14 +347,18 @@ def _default_tile(win: _Window) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels. Written as plain functions and compiled on first use (_compiled), because triton.jit decides at
-# decoration time whether to interpret; this way TRITON_INTERPRET only has to be set before the first launch.
-#
-# One program owns a rectangle of OWN_Y x OWN_X grid cells (queries in the forward and dq kernels, keys in the
-# dk/dv kernel) and visits the other side in rectangles of VIS_Y x VIS_X, only over the halo its window reaches.
-# All arithmetic is fp32; inputs of any float dtype are cast after loading and outputs cast back on store.
+# Triton kernels. One program owns a rectangle of OWN_Y x OWN_X grid cells (queries in the forward and dq
+# kernels, keys in the dk/dv kernel) and visits the other side in rectangles of VIS_Y x VIS_X, only over the halo
+# its window reaches. All arithmetic is fp32; inputs of any float dtype are cast after loading and outputs cast
+# back on store. Every load is masked.
 
 
+def _jit(kernel):
+    """triton.jit, or the plain function where triton is missing (it is then never launched)."""
+    return kernel if triton is None else triton.jit(kernel)
+
+
+@_jit
 def _local_fwd_kernel(Q, K, V, O, LSE, scale, HEIGHT, WIDTH, RY, RX, D,
                       CAUSAL: tl.constexpr, OWN_Y: tl.constexpr, OWN_X: tl.constexpr,
                       VIS_Y: tl.constexpr, VIS_X: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -405,6 +412,7 @@ def _local_fwd_kernel(Q, K, V, O, LSE, scale, HEIGHT, WIDTH, RY, RX, D,
     tl.store(LSE + bh.to(tl.int64) * HEIGHT * WIDTH + qy * WIDTH + qx, m + tl.log(total), mask=q_in)
 
 
+@_jit
 def _local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, HEIGHT, WIDTH, RY, RX, D,
                      CAUSAL: tl.constexpr, OWN_Y: tl.constexpr, OWN_X: tl.constexpr,
                      VIS_Y: tl.constexpr, VIS_X: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -454,6 +462,7 @@ def _local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, HEIGHT, WIDTH, RY, RX, 
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+@_jit
 def _local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, HEIGHT, WIDTH, RY, RX, D,
                        CAUSAL: tl.constexpr, OWN_Y: tl.constexpr, OWN_X: tl.constexpr,
                        VIS_Y: tl.constexpr, VIS_X: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -508,14 +517,6 @@ def _local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, HEIGHT, WIDTH, RY
     tl.store(DV + k_ptrs, dv.to(DV.dtype.element_ty), mask=k_mask)
 
 
-@functools.cache
-def _compiled(kernel):
-    """triton.jit at first launch, so TRITON_INTERPRET is read then rather than at import."""
-    if triton is None:
-        raise RuntimeError("local attention: the Triton path needs triton, which is not installed")
-    return triton.jit(kernel)
-
-
 @dataclass(frozen=True)
 class _Triton:
     """The Triton kernels: programs own `own` rectangles and step over halos `visit` rectangles at a time."""
@@ -529,18 +530,19 @@ class _Triton:
         return ((1, 64), (1, 64)) if win.height == 1 else ((8, 8), (4, 16))
 
     def launch(self, kernel, q: Tensor, win: _Window, scale: float, *tensors: Tensor) -> None:
-        compiled = _compiled(kernel)
-        if q.device.type == "cpu" and isinstance(compiled, triton.runtime.JITFunction):  # compiled, not interpreted
-            raise RuntimeError("local attention: Triton on CPU tensors needs TRITON_INTERPRET=1 set before the "
-                               "first Triton launch")
+        if triton is None:
+            raise RuntimeError("local attention: the Triton path needs triton, which is not installed")
+        if q.device.type == "cpu" and isinstance(kernel, triton.runtime.JITFunction):  # compiled, not interpreted
+            raise RuntimeError("local attention: Triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                               "before triton is first imported")
         (own_y, own_x), (visit_y, visit_x) = self.tiles(win)
         batch, heads, _, dim = q.shape
         grid = (-(-win.height // own_y) * -(-win.width // own_x), batch * heads)
-        compiled[grid](*tensors, scale, win.height, win.width, win.ry, win.rx, dim,
-                       CAUSAL=win.causal, OWN_Y=own_y, OWN_X=own_x, VIS_Y=visit_y, VIS_X=visit_x,
-                       BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                       # fp32 inputs get exact fp32 products; 16-bit inputs fit tf32's mantissa exactly.
-                       PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        kernel[grid](*tensors, scale, win.height, win.width, win.ry, win.rx, dim,
+                     CAUSAL=win.causal, OWN_Y=own_y, OWN_X=own_x, VIS_Y=visit_y, VIS_X=visit_x,
+                     BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                     # fp32 inputs get exact fp32 products; 16-bit inputs fit tf32's mantissa exactly.
+                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
 
     def forward(self, q, k, v, win: _Window, scale: float) -> tuple[Tensor, Tensor]:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -680,6 +682,29 @@ _window_attention_op.register_autograd(lambda ctx, dout, _: (*_grads(ctx, dout),
                                        setup_context=_setup_window)
 _neighborhood_attention_op.register_autograd(lambda ctx, dout, _: (*_grads(ctx, dout), None, None, None, None),
                                              setup_context=_setup_neighborhood)
+
+
+def _pairs(height: int, width: int, ry: int, rx: int, causal: bool) -> int:
+    """(query, key) pairs a window computes; a causal window is only ever 1D (one row)."""
+    return pairs_1d(height, ry, False) * pairs_1d(width, rx, causal)
+
+
+@formula(torch.ops.graftc.window_attention)
+def _window_flops(q, k, v, window, causal, scale, **kwargs) -> int:
+    batch, heads, tokens, head_dim = q
+    return attention_pair_flops(batch, heads, _pairs(1, tokens, 0, window, causal), head_dim)
+
+
+@formula(torch.ops.graftc.neighborhood_attention)
+def _neighborhood_flops(q, k, v, height, width, kernel, scale, **kwargs) -> int:
+    batch, heads, _, head_dim = q
+    return attention_pair_flops(batch, heads, pairs_2d(height, width, kernel), head_dim)
+
+
+@formula(torch.ops.graftc.local_attention_backward)
+def _backward_flops(dout, q, k, v, out, lse, height, width, ry, rx, causal, scale, **kwargs) -> int:
+    batch, heads, _, head_dim = q
+    return 2 * attention_pair_flops(batch, heads, _pairs(height, width, ry, rx, causal), head_dim)  # dQ, dK, dV, dP
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool = False,

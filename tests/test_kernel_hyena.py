@@ -13,7 +13,7 @@ from torch import nn
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when the kernels are jitted, on their first call
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are jitted: on their first call
 
 from graftc.kernels import hyena as hyena_module  # noqa: E402
 from graftc.kernels.hyena import hyena_conv, hyena_conv_cpu, hyena_conv_triton, hyena_reference  # noqa: E402
@@ -37,6 +37,16 @@ SHAPES = [
     pytest.param((1, 128, 128, 1, 1), id="B1-L128-D128-K1"),  # K = 1 (no halo), whole tiles
     pytest.param((1, 50, 24, 2, 3), id="B1-L50-D24-KF2-KI3"),  # featurizer and inner filter of different lengths
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: intra-op threads cost more than they save, and on a busy machine far more
+    (a 0.1 ms op took 10-40 ms with 2 threads on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,6 +93,12 @@ def assert_matches_reference(fn, inputs, bound):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_matches_reference(variant, shape):
     assert_matches_reference(hyena_conv_triton, make_inputs(variant, *shape), FP32_BOUND)
+
+
+@pytest.mark.skipif(not CUDA, reason="the Triton interpreter has no bf16 arithmetic")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_bf16(variant):
+    assert_matches_reference(hyena_conv_triton, make_inputs(variant, *PARTIAL_TILES, torch.bfloat16), BF16_BOUND)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

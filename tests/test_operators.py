@@ -170,3 +170,19 @@ def test_gqa_teacher_heads_are_repeated():
     kv = teacher.k_proj.weight.view(2, dh, width)
     for head in range(op.heads):
         assert torch.equal(k[head], kv[head // 2])
+
+
+@pytest.mark.parametrize("op_id,kernel", [("hyena_x", "graftc.hyena_conv"), ("swa", "graftc.window_attention"),
+                                          ("swa2d", "graftc.neighborhood_attention"),
+                                          ("linear", "graftc.linear_attention"), ("mamba2", "graftc.ssd")])
+def test_generated_code_calls_the_kernel(tiny_dit, op_id, kernel):
+    _, result = graft(tiny_dit, plan_of(({"kind": "attention", "layers": [1]}, replace(op_id, ATTENTION_OPS[op_id]))))
+    code = graftc.compiler.emit_code(result.model, tiny_dit.example, ["blocks.1.attn"])
+    assert f"torch.ops.{kernel}.default(" in code
+
+
+def test_local_attention_flops_count_only_the_window(tiny_dit):
+    """The report's FLOPs come from FlopCounterMode: a 3x3 window on the 4x4 grid must cost less than full attention."""
+    _, full = graft(tiny_dit, plan_of(({"kind": "attention", "layers": "all"}, {"op": "swa2d", "kernel": 7})))
+    _, local = graft(tiny_dit, plan_of(({"kind": "attention", "layers": "all"}, {"op": "swa2d", "kernel": 3})))
+    assert local.reports[-1].flops_after < full.reports[-1].flops_after
