@@ -22,7 +22,7 @@ from graftc.rules import Rule
 
 class Mamba2Mixer(torch.nn.Module):
     def __init__(self, width: int, out_width: int, d_state: int = 64, d_conv: int = 4, expand: int = 2,
-                 head_dim: int = 16, groups: int = 1, chunk: int = 64, **like):
+                 head_dim: int = 16, groups: int = 1, chunk: int = 32, **like):
         super().__init__()
         self.inner, self.d_state, self.head_dim, self.groups, self.chunk = expand * width, d_state, head_dim, groups, chunk
         self.heads = self.inner // head_dim
@@ -70,7 +70,7 @@ class Mamba2Config(MixerConfig):
     expand: int = Field(2, ge=1, le=8, description="inner width / model width")
     head_dim: int = Field(16, ge=1, description="channels per SSD head; must divide expand x width")
     groups: int = Field(1, ge=1, description="B/C groups shared by heads; must divide the head count")
-    chunk: int = Field(64, ge=1, le=1024, description="chunk length of the SSD algorithm")
+    chunk: int = Field(32, ge=1, le=1024, description="chunk length of the SSD algorithm (32 measured fastest on CPU)")
 
 
 def build_mamba2(region: Region, config: Mamba2Config, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
