@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from graftc.errors import GraftError
 from graftc.match import Region
