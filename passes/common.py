@@ -21,7 +21,7 @@ InitField = Field("teacher", description="teacher: start from the teacher's proj
 
 
 class MixerConfig(OpConfig):
-    """Base of configs for operators that replace attention with another token mixer."""
+    """Base of configs for new operators plugged in at a region (a token mixer or an MLP variant)."""
 
     init: Init = InitField
 
