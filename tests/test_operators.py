@@ -186,3 +186,10 @@ def test_local_attention_flops_count_only_the_window(tiny_dit):
     _, full = graft(tiny_dit, plan_of(({"kind": "attention", "layers": "all"}, {"op": "swa2d", "kernel": 7})))
     _, local = graft(tiny_dit, plan_of(({"kind": "attention", "layers": "all"}, {"op": "swa2d", "kernel": 3})))
     assert local.reports[-1].flops_after < full.reports[-1].flops_after
+
+
+def test_mamba2_shape_mismatch_is_refused(tiny_dit):
+    with pytest.raises(GraftError, match=r"head_dim 7 does not divide the inner width 256"):
+        graft(tiny_dit, plan_of(({"kind": "attention", "layers": [0]}, {"op": "mamba2", "head_dim": 7})))
+    with pytest.raises(GraftError, match=r"groups 3 does not divide the 16 heads"):
+        graft(tiny_dit, plan_of(({"kind": "attention", "layers": [0]}, {"op": "mamba2", "groups": 3})))
