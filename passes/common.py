@@ -16,14 +16,11 @@ from graftc.match import Region
 from graftc.rules import OpConfig, submodule
 from graftc.site import Site, site_problem
 
-Init = Literal["teacher", "random"]
-InitField = Field("teacher", description="teacher: start from the teacher's projections; random: fresh weights")
-
-
 class MixerConfig(OpConfig):
     """Base of configs for new operators plugged in at a region (a token mixer or an MLP variant)."""
 
-    init: Init = InitField
+    init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: start from the teacher's projections; random: fresh weights")
 
 
 def install(region: Region, operator: torch.nn.Module) -> dict[str, torch.nn.Module]:
