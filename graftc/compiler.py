@@ -40,7 +40,6 @@ def _trace_pass(state: GraftState) -> PassResult:
 
 def _match_pass(state: GraftState) -> PassResult:
     state.regions = find_regions(state.traced)
-    probe(state.model, state.args, state.kwargs, state.regions)
     counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block")}
     return PassResult(False, counts)
 
@@ -69,6 +68,8 @@ def _rewrite_pass(step_index: int, step) -> Pass:
     def run(state: GraftState) -> PassResult:
         done = {r["fqn"]: r for r in state.rewrites}
         chosen = select_regions(step.select, state.regions, f"{where}.select")
+        if rules_by_op()[step.replace.op].plugs_in and any("site" not in r.attrs for r in chosen):
+            probe(state.model, state.args, state.kwargs, chosen)  # one forward, only when a rule needs it
         for region in chosen:
             if region.fqn in done:
                 raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} was already rewritten "

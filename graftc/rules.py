@@ -38,6 +38,7 @@ class Rule:
     build: Builder
     guard: Guard = lambda region, config: None
     summary: str = ""
+    plugs_in: bool = False  # builds a new operator behind a graftc.site.Site: regions need their call site probed
 
 
 def submodule(model: torch.nn.Module, fqn: str) -> torch.nn.Module:

@@ -54,7 +54,7 @@ def _check_inputs(u: Tensor, feat_weight, feat_bias, inner_weight) -> None:
 # Reference: the definition, written for clarity.
 
 
-def _reference_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Depthwise causal conv of channel-last x [B, L, C] with weight [C, K]."""
     channels, taps = weight.shape
     out = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=taps - 1, groups=channels)
@@ -64,11 +64,11 @@ def _reference_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
 def hyena_reference(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=None) -> Tensor:
     _check_inputs(u, feat_weight, feat_bias, inner_weight)
     if feat_weight is not None:
-        u = _reference_causal_conv(u, feat_weight, feat_bias)
+        u = causal_conv1d(u, feat_weight, feat_bias)
     q, k, v = u.chunk(3, dim=-1)
     kv = k * v
     if inner_weight is not None:
-        kv = _reference_causal_conv(kv, inner_weight, None)
+        kv = causal_conv1d(kv, inner_weight, None)
     return q * kv
 
 

@@ -99,20 +99,24 @@ def linear(in_features: int, out_features: int, weight=None, bias=None, has_bias
     return layer
 
 
+def projections(width: int, inner: int, out_width: int, teacher: TeacherAttention | None,
+                **like) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """In-projection width -> 3*inner (q | k | v) and out-projection inner -> out_width: the teacher's, or fresh."""
+    if teacher is None:
+        return linear(width, 3 * inner, **like), linear(inner, out_width, **like)
+    return (linear(width, 3 * inner, teacher.qkv_weight, teacher.qkv_bias, **like),
+            linear(inner, out_width, teacher.o_weight, teacher.o_bias, **like))
+
+
 class ProjectedAttention(torch.nn.Module):
     """The teacher attention's skeleton with another core: qkv projection -> `core(q, k, v)` on [B, H, N, dh]
     -> out projection. Local and linear attention are this with their own core."""
 
-    def __init__(self, width: int, heads: int, head_dim: int, out_width: int, **like):
+    def __init__(self, width: int, heads: int, head_dim: int, out_width: int,
+                 teacher: TeacherAttention | None = None, **like):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.qkv = linear(width, 3 * heads * head_dim, **like)
-        self.out = linear(heads * head_dim, out_width, **like)
-
-    def load_teacher(self, region: Region, model: torch.nn.Module) -> None:
-        teacher, to = teacher_attention(region, model), like(region, model)
-        self.qkv = linear(self.qkv.in_features, self.qkv.out_features, teacher.qkv_weight, teacher.qkv_bias, **to)
-        self.out = linear(self.out.in_features, self.out.out_features, teacher.o_weight, teacher.o_bias, **to)
+        self.qkv, self.out = projections(width, heads * head_dim, out_width, teacher, **like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens = x.shape[0], x.shape[-2]
@@ -128,7 +132,6 @@ def build_projected(region: Region, config: MixerConfig, model: torch.nn.Module,
                     **extra) -> dict[str, torch.nn.Module]:
     """Build `kind` with the teacher's heads and widths, start it from the teacher if asked, install it."""
     width, out_width = widths(region)
-    op = kind(width, region.attrs["heads"], region.attrs["head_dim"], out_width, **extra, **like(region, model))
-    if config.init == "teacher":
-        op.load_teacher(region, model)
-    return install(region, op)
+    teacher = teacher_attention(region, model) if config.init == "teacher" else None
+    return install(region, kind(width, region.attrs["heads"], region.attrs["head_dim"], out_width, teacher=teacher,
+                                **extra, **like(region, model)))

@@ -21,23 +21,27 @@ from pydantic import Field
 from graftc.kernels.hyena import hyena_conv
 from graftc.match import Region
 from graftc.rules import Rule
-from graftc.passes.common import MixerConfig, guard_site, install, like, linear, teacher_attention, widths
+from graftc.passes.common import (MixerConfig, TeacherAttention, guard_site, install, like, projections,
+                                  teacher_attention, widths)
 
 KernelField = Field(4, ge=1, le=128, description="taps of each causal short convolution")
 
 
 class HyenaMixer(torch.nn.Module):
+    """With a teacher, the projections are the teacher's and the featurizer starts as the identity."""
+
     def __init__(self, width: int, inner: int, out_width: int, kernel: int, featurize: bool, inner_filter: bool,
-                 **like):
+                 teacher: TeacherAttention | None = None, **like):
         super().__init__()
-        self.in_proj = linear(width, 3 * inner, **like)
-        self.out_proj = linear(inner, out_width, **like)
+        self.in_proj, self.out_proj = projections(width, inner, out_width, teacher, **like)
         self.feat_weight = self.feat_bias = self.inner_weight = None
         if featurize:
-            self.feat_weight = torch.nn.Parameter(torch.empty(3 * inner, kernel, **like))
+            if teacher is not None:
+                self.feat_weight = torch.nn.Parameter(identity_taps(3 * inner, kernel, **like))
+            else:
+                bound = 1 / math.sqrt(kernel)  # nn.Conv1d's default for a depthwise kernel
+                self.feat_weight = torch.nn.Parameter(torch.empty(3 * inner, kernel, **like).uniform_(-bound, bound))
             self.feat_bias = torch.nn.Parameter(torch.zeros(3 * inner, **like))
-            bound = 1 / math.sqrt(kernel)  # nn.Conv1d's default for a depthwise kernel
-            torch.nn.init.uniform_(self.feat_weight, -bound, bound)
         if inner_filter:
             self.inner_weight = torch.nn.Parameter(identity_taps(inner, kernel, **like))
 
@@ -81,15 +85,9 @@ def build_hyena(region: Region, config: HyenaConfig, model: torch.nn.Module) -> 
     featurize, inner_filter = VARIANTS[config.op]
     width, out_width = widths(region)
     inner = region.attrs["heads"] * region.attrs["head_dim"]
-    mixer = HyenaMixer(width, inner, out_width, config.kernel, featurize, inner_filter, **like(region, model))
-    if config.init == "teacher":
-        teacher = teacher_attention(region, model)
-        mixer.in_proj = linear(width, 3 * inner, teacher.qkv_weight, teacher.qkv_bias, **like(region, model))
-        mixer.out_proj = linear(inner, out_width, teacher.o_weight, teacher.o_bias, **like(region, model))
-        if featurize:
-            with torch.no_grad():
-                mixer.feat_weight.copy_(identity_taps(3 * inner, config.kernel))
-    return install(region, mixer)
+    teacher = teacher_attention(region, model) if config.init == "teacher" else None
+    return install(region, HyenaMixer(width, inner, out_width, config.kernel, featurize, inner_filter, teacher,
+                                      **like(region, model)))
 
 
 def build_mlp_hyena(region: Region, config: MlpHyenaConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -99,10 +97,10 @@ def build_mlp_hyena(region: Region, config: MlpHyenaConfig, model: torch.nn.Modu
 
 hyena_rules = [
     Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena, guard_site,
-         summary="Hyena-X: featurizer short conv, then q*k*v gating"),
-    Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, guard_site, summary="Hyena-Y: q * inner_conv(k*v)"),
+         summary="Hyena-X: featurizer short conv, then q*k*v gating", plugs_in=True),
+    Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, guard_site, summary="Hyena-Y: q * inner_conv(k*v)", plugs_in=True),
     Rule("hyena_se", ("attention",), HyenaSEConfig, build_hyena, guard_site,
-         summary="Hyena-SE: featurizer, then q * inner_conv(k*v)"),
+         summary="Hyena-SE: featurizer, then q * inner_conv(k*v)", plugs_in=True),
     Rule("mlp_hyena_x", ("mlp",), MlpHyenaConfig, build_mlp_hyena, guard_site,
-         summary="Hyena-X as an MLP: in_proj d->6d, short conv, 3-way gating, out_proj 2d->d"),
+         summary="Hyena-X as an MLP: in_proj d->6d, short conv, 3-way gating, out_proj 2d->d", plugs_in=True),
 ]

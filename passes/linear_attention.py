@@ -21,8 +21,8 @@ FIXED_MAPS = {"elu": elu_plus_one, "relu": relu}
 
 
 class LinearAttention(ProjectedAttention):
-    def __init__(self, width, heads, head_dim, out_width, feature_map: str, causal: bool, **like):
-        super().__init__(width, heads, head_dim, out_width, **like)
+    def __init__(self, width, heads, head_dim, out_width, feature_map: str, causal: bool, teacher=None, **like):
+        super().__init__(width, heads, head_dim, out_width, teacher, **like)
         self.feature_map, self.causal = feature_map, causal
         if feature_map == "hedgehog":  # separate maps for queries and keys, as softmax treats them differently
             self.phi_q = HedgehogFeatureMap(head_dim, heads).to(**like)
@@ -52,5 +52,5 @@ def build_linear(region: Region, config: LinearConfig, model: torch.nn.Module) -
 
 linear_attention_rules = [
     Rule("linear", ("attention",), LinearConfig, build_linear, guard_site,
-         summary="linear attention with a (learnable) feature map"),
+         summary="linear attention with a (learnable) feature map", plugs_in=True),
 ]

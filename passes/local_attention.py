@@ -18,8 +18,8 @@ from graftc.passes.common import MixerConfig, ProjectedAttention, build_projecte
 
 
 class WindowAttention(ProjectedAttention):
-    def __init__(self, width, heads, head_dim, out_width, window: int, causal: bool, **like):
-        super().__init__(width, heads, head_dim, out_width, **like)
+    def __init__(self, width, heads, head_dim, out_width, window: int, causal: bool, teacher=None, **like):
+        super().__init__(width, heads, head_dim, out_width, teacher, **like)
         self.window, self.causal = window, causal
 
     def core(self, q, k, v):
@@ -30,8 +30,8 @@ class WindowAttention(ProjectedAttention):
 
 
 class NeighborhoodAttention(ProjectedAttention):
-    def __init__(self, width, heads, head_dim, out_width, grid: tuple[int, int], kernel: int, **like):
-        super().__init__(width, heads, head_dim, out_width, **like)
+    def __init__(self, width, heads, head_dim, out_width, grid: tuple[int, int], kernel: int, teacher=None, **like):
+        super().__init__(width, heads, head_dim, out_width, teacher, **like)
         self.grid, self.kernel = tuple(grid), kernel
 
     def core(self, q, k, v):
@@ -89,7 +89,7 @@ def guard_swa2d(region: Region, config: Swa2dConfig) -> str | None:
 
 local_attention_rules = [
     Rule("swa", ("attention",), SwaConfig, build_swa, guard_site,
-         summary="sliding-window softmax attention on the flattened sequence"),
+         summary="sliding-window softmax attention on the flattened sequence", plugs_in=True),
     Rule("swa2d", ("attention",), Swa2dConfig, build_swa2d, guard_swa2d,
-         summary="k x k neighbourhood softmax attention on the token grid"),
+         summary="k x k neighbourhood softmax attention on the token grid", plugs_in=True),
 ]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from graftc.kernels.hyena import causal_conv1d
 from graftc.kernels.ssd import ssd
 from graftc.match import Region
 from graftc.passes.common import MixerConfig, guard_site, install, like, linear, widths
@@ -55,13 +56,6 @@ class Mamba2Mixer(torch.nn.Module):
         return f"heads={self.heads}, head_dim={self.head_dim}, d_state={self.d_state}, groups={self.groups}"
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv over [B, L, C]; tap K-1 multiplies the current position."""
-    kernel = weight.shape[-1]
-    y = F.conv1d(F.pad(x.transpose(1, 2), (kernel - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[-1])
-    return y.transpose(1, 2)
-
-
 class Mamba2Config(MixerConfig):
     op: Literal["mamba2"] = "mamba2"
     init: Literal["random"] = Field("random", description="random only: softmax attention has no state to copy")
@@ -91,5 +85,5 @@ def guard_mamba2(region: Region, config: Mamba2Config) -> str | None:
 
 mamba2_rules = [
     Rule("mamba2", ("attention",), Mamba2Config, build_mamba2, guard_mamba2,
-         summary="Mamba-2 (SSD) mixer, pure PyTorch, causal over the token order"),
+         summary="Mamba-2 (SSD) mixer, pure PyTorch, causal over the token order", plugs_in=True),
 ]

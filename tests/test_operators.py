@@ -21,6 +21,7 @@ ATTENTION_OPS = {
     "mamba2": {"d_state": 8, "head_dim": 8, "chunk": 4},
 }
 MLP_OPS = {"mlp_hyena_x": {}}
+OPS = {**ATTENTION_OPS, **MLP_OPS}
 IMAGE_FAMILIES = {"diffusers-dit", "pixart-sigma", "graftc-dit"}
 FAMILIES = [f for f in zoo.FAMILIES if f != "demo"]  # demo is graftc-dit at other weights
 LM_EXAMPLE = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "use_cache": False}
@@ -57,11 +58,11 @@ def _check_trains_only_new(result, loaded):
     assert all(p.grad is None for n, p in model.named_parameters() if n not in new)
 
 
-@pytest.mark.parametrize("op_id", list(ATTENTION_OPS) + list(MLP_OPS))
+@pytest.mark.parametrize("op_id", list(OPS))
 def test_operator_grafts_into_family(family, op_id):
     name, spec, loaded = family
     kind = "mlp" if op_id in MLP_OPS else "attention"
-    plan = plan_of(({"kind": kind, "ratio": 0.5}, replace(op_id, {**ATTENTION_OPS, **MLP_OPS}[op_id])))
+    plan = plan_of(({"kind": kind, "ratio": 0.5}, replace(op_id, OPS[op_id])))
     if op_id == "swa2d" and name not in IMAGE_FAMILIES:
         with pytest.raises(GraftError, match="no token grid can be inferred"):
             graft(loaded, plan)
@@ -83,10 +84,10 @@ def tiny_dit():
     return loaded
 
 
-@pytest.mark.parametrize("op_id", list(ATTENTION_OPS) + list(MLP_OPS))
+@pytest.mark.parametrize("op_id", list(OPS))
 def test_operator_round_trips_through_artifact(tiny_dit, op_id, tmp_path):
     kind = "mlp" if op_id in MLP_OPS else "attention"
-    plan = plan_of(({"kind": kind, "layers": [1, 3]}, replace(op_id, {**ATTENTION_OPS, **MLP_OPS}[op_id])))
+    plan = plan_of(({"kind": kind, "layers": [1, 3]}, replace(op_id, OPS[op_id])))
     _, result = graft(tiny_dit, plan)
     perturb(result.model, seed=1)  # as if distilled: the artifact must carry the new weights
     grafted = run(result.model, tiny_dit)
