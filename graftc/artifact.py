@@ -28,7 +28,9 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise GraftError(f"output folder's parent {out.parent} does not exist")
 
 
-def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, force: bool = False) -> Path:
+def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, force: bool = False,
+         distill: dict | None = None, quality: dict | None = None, files: dict | None = None) -> Path:
+    """Write the artifact. `distill`/`quality` go into the manifest; `files` (name -> file or folder) are copied in."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -39,7 +41,11 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
         (tmp / "plan.yaml").write_text(dump_plan(result.plan))
         manifest = {"format": 1, "graftc_version": __version__,
                     "base": {"spec": spec, "class": type(result.model).__qualname__, "weights_sha256": base_hash},
-                    "rewrites": result.rewrites, "distill": {}}
+                    "rewrites": result.rewrites, "distill": distill or {}}
+        if quality:
+            manifest["quality"] = quality
+        for name, source in (files or {}).items():
+            (shutil.copytree if Path(source).is_dir() else shutil.copyfile)(source, tmp / name)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (tmp / "report.md").write_text(report_md)
         if out.exists():

@@ -31,6 +31,8 @@ def note(line: str) -> None:
 
 
 def _compile(args) -> int:
+    import copy
+    import shutil
     from pathlib import Path
 
     from graftc import artifact
@@ -40,23 +42,45 @@ def _compile(args) -> int:
     from graftc.spec import load_model, weights_hash
 
     plan = load_plan(args.plan)  # validated before any model is loaded
-    if plan.distill is not None:
-        raise GraftError(f"{args.plan}: distill: stage 1/2 distillation is not available in this graftc version; "
-                         "remove the 'distill' section to rewrite only")
     out = Path(args.output)
     artifact.check_out_dir(out, args.force or args.resume)
+    workdir = out.parent / f".{out.name}.graftc-run"  # checkpoints of an unfinished distillation
     start = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
     base_hash = weights_hash(loaded.model)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
+    teacher = copy.deepcopy(loaded.model) if plan.distill is not None else None
     result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"))
     if args.emit_code:
         print(emit_code(result.model, loaded.example, list(dict.fromkeys(r["fqn"] for r in result.rewrites))) + "\n")
-    artifact.save(out, result, args.model, base_hash, report_markdown(args.model, result), force=True)
     first, last = result.reports[0], result.reports[-1]
     print(f"rewrote {len(result.rewrites)} regions; params {human(first.params_before)} -> {human(last.params_after)}, "
-          f"FLOPs {human(first.flops_before)} -> {human(last.flops_after)}; wrote {out}")
+          f"FLOPs {human(first.flops_before)} -> {human(last.flops_after)}")
+    distill = quality = files = None
+    if plan.distill is not None:
+        from graftc.distill import run as run_distill
+        from graftc.distill.speed import compare
+
+        outcome = run_distill(teacher, result.model, result.rewrites, plan, loaded, workdir, args.resume, args.seed,
+                              log=lambda line: print(line, flush=True))
+        if not outcome.main:  # under torchrun only rank 0 writes the artifact
+            return 0
+        distill, quality, files = outcome.summary, outcome.quality, outcome.files
+        distill["speed"] = compare(teacher, result.model, loaded)
+        _print_quality(quality, distill["speed"])
+    artifact.save(out, result, args.model, base_hash, report_markdown(args.model, result, distill, quality),
+                  force=True, distill=distill, quality=quality, files=files)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"wrote {out}")
     return 0
+
+
+def _print_quality(quality: dict, speed: dict) -> None:
+    if "teacher_fd" in quality and "graft_fd" in quality:
+        after1 = f", after stage 1 alone {quality['stage1_fd']:.4g}" if "stage1_fd" in quality else ""
+        print(f"quality (FD, lower is better): teacher {quality['teacher_fd']:.4g}, graft {quality['graft_fd']:.4g}{after1}")
+    print(f"speed ({speed['where']}): teacher {speed['teacher_ms']:.2f} ms, graft {speed['graft_ms']:.2f} ms "
+          f"per forward ({speed['speedup']:.2f}x)")
 
 
 def _plan_schema(args) -> int:

@@ -25,6 +25,15 @@ KINDS = ("attention", "mlp", "block", "block_pair")
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(:\s*(-?\d+)?\s*)?$")
 
 
+def _valid_regex(value: str | None) -> str | None:
+    if value is not None and value.startswith("re:"):
+        try:
+            re.compile(value[3:])
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value[3:]!r}: {exc}") from None
+    return value
+
+
 class Select(Strict):
     kind: Literal["attention", "mlp", "block", "block_pair"] = Field("attention", description="region kind")
     layers: Union[list[int], str, None] = Field(None, description='indices, a slice string like "1::2", or "all"')
@@ -55,12 +64,7 @@ class Select(Strict):
     @field_validator("fqn")
     @classmethod
     def _fqn(cls, value):
-        if value is not None and value.startswith("re:"):
-            try:
-                re.compile(value[3:])
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {value[3:]!r}: {exc}") from None
-        return value
+        return _valid_regex(value)
 
     @model_validator(mode="after")
     def _one_selector(self):
@@ -70,24 +74,77 @@ class Select(Strict):
         return self
 
 
+class NodeOverride(Strict):
+    match: str = Field(description='an op name (e.g. "hyena_x") or a module path, or "re:<regex>" over module paths')
+    loss: Literal["auto", "l1", "l2", "huber"] | None = Field(None, description="this node's loss")
+    lr: float | None = Field(None, gt=0, description="this node's learning rate")
+    steps: int | None = Field(None, ge=1, description="this node's optimizer steps")
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value):
+        return _valid_regex(value)
+
+
 class Stage1(Strict):
     steps: int = Field(200, ge=1, description="optimizer steps per node")
-    batch_size: int = Field(8, ge=1, description="samples per step")
-    lr: float = Field(1e-4, gt=0, description="learning rate")
+    batch_size: int = Field(8, ge=1, description="samples per step (over all ranks)")
+    lr: float = Field(1e-4, gt=0, description="learning rate (AdamW, cosine decay to 10%)")
     loss: Literal["auto", "l1", "l2", "huber"] = Field("auto", description="auto = L1 for attention, L2 for mlp")
+    huber_delta: float = Field(1.0, gt=0, description="delta of the huber loss")
+    eval_every: int = Field(25, ge=1, description="steps between validation losses")
+    patience: int = Field(0, ge=0, description="stop a node after this many evaluations without a better "
+                                              "validation loss (0 = never stop early)")
+    overrides: list[NodeOverride] = Field(default_factory=list, description="per-node loss/lr/steps, first match wins")
+
+
+class Lora(Strict):
+    rank: int = Field(8, ge=1, description="rank of the low-rank update of every Linear")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
 
 
 class Stage2(Strict):
     steps: int = Field(500, ge=1, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="samples per step")
+    batch_size: int = Field(8, ge=1, description="samples per step (over all ranks)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     warmup: int = Field(50, ge=0, description="linear warmup steps")
-    objective: Literal["distill", "diffusion"] = Field("distill", description="match the teacher, or the model's own loss")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(10.0, gt=0, description="clip the gradient norm to this")
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights that are saved (0 = no EMA)")
+    objective: Union[Literal["distill", "diffusion", "lm"], dict[Literal["distill", "diffusion", "lm"], float]] = Field(
+        "distill", description="match the teacher's outputs (distill), the model's own loss (diffusion: noise "
+                               "prediction; lm: next token), or a weighted sum such as {distill: 1, diffusion: 0.5}")
+    lora: Lora | None = Field(None, description="train low-rank updates of the Linears instead of all weights")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, value):
+        if isinstance(value, dict) and (not value or any(w < 0 for w in value.values()) or not any(value.values())):
+            raise ValueError(f"objective weights must be >= 0 with at least one > 0 (got {value})")
+        return value
+
+    def objective_weights(self) -> dict[str, float]:
+        return {self.objective: 1.0} if isinstance(self.objective, str) else {k: w for k, w in self.objective.items() if w}
 
 
 class Distill(Strict):
     stage1: Stage1 | None = Field(None, description="activation distillation of each rewritten node")
     stage2: Stage2 | None = Field(None, description="end-to-end fine-tuning")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (--resume continues from the last)")
+
+
+class Data(Strict):
+    samples: int = Field(512, ge=2, description="diffusion models: teacher samples to generate and cache")
+    sampler_steps: int = Field(25, ge=1, description="diffusion models: sampler steps per sample")
+    cfg_scale: float = Field(1.5, ge=0, description="diffusion models: classifier-free guidance scale")
+    text: str | None = Field(None, description="language models and encoders: a text file, or a folder of .txt files")
+    seq_len: int = Field(128, ge=2, description="language models and encoders: tokens per sample")
+    prompt_embeds: str | None = Field(None, description="text-to-image models: a safetensors file with "
+                                                        "prompt_embeds [P, L, C] (and optionally prompt_mask [P, L])")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the samples held out for validation")
+    cache: str | None = Field(None, description="cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
+    fd_samples: int = Field(1000, ge=0, description="demo models: samples for the FD quality figures (0 = skip)")
 
 
 def _op_union():
@@ -110,6 +167,7 @@ def plan_model() -> type[BaseModel]:
         version: Literal[1] = Field(1, description="plan format version")
         graft: list[GraftStep] = Field(default_factory=list, description="rewrites, applied in order")
         distill: Distill | None = Field(None, description="quality recovery; absent = rewrite only")
+        data: Data = Field(default_factory=Data, description="where distillation gets its inputs")
 
     return Plan
 
@@ -121,7 +179,7 @@ def json_schema() -> dict:
 def parse_plan(data: Any, source: str = "plan") -> BaseModel:
     """Validate raw plan data. Every problem becomes one GraftError line naming the key path."""
     if not isinstance(data, dict):
-        raise GraftError(f"{source}: a plan is a mapping with keys version, graft, distill (got {type(data).__name__})")
+        raise GraftError(f"{source}: a plan is a mapping with keys version, graft, distill, data (got {type(data).__name__})")
     if "version" not in data:
         raise GraftError(f"{source}: missing 'version' (this graftc reads version 1)")
     if data["version"] != 1:

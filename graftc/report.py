@@ -19,7 +19,7 @@ def regions_table(regions) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def report_markdown(spec: str, result) -> str:
+def report_markdown(spec: str, result, distill: dict | None = None, quality: dict | None = None) -> str:
     first, last = result.reports[0], result.reports[-1]
     lines = [f"# graftc report: {spec}", "",
              f"- parameters: {first.params_before:,} -> {last.params_after:,} "
@@ -34,8 +34,41 @@ def report_markdown(spec: str, result) -> str:
     for p in result.reports:
         lines.append(f"| {p.name} | {p.seconds:.2f} | {p.params_before:,} | {p.params_after:,} | "
                      f"{human(p.flops_before)} | {human(p.flops_after)} |")
-    lines += ["", "## Distillation", "", "None: the plan asked for rewriting only."]
+    lines += ["", "## Distillation", ""] + (distill_markdown(distill, quality) if distill else
+                                            ["None: the plan asked for rewriting only."])
     return "\n".join(lines) + "\n"
+
+
+def distill_markdown(distill: dict, quality: dict | None) -> list[str]:
+    lines = []
+    if quality:
+        names = {"teacher_fd": "teacher", "stage1_fd": "graft after stage 1", "graft_fd": "graft (final)"}
+        lines += ["Sample quality (Fréchet distance to the data in the demo feature space, lower is better):", "",
+                  "| model | FD |", "|---|---|"] + [f"| {names.get(k, k)} | {v:.4g} |" for k, v in quality.items()] + [""]
+    if distill.get("stage1"):
+        lines += ["### Stage 1: activation distillation", "",
+                  "| node | module | loss | lr | steps | status | train loss | val before | best val (step) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+        for n in distill["stage1"]:
+            status = n["status"] + (f": {n['message']}" if n["message"] else "")
+            lines.append(f"| {n['name']} | `{n['fqn']}` | {n['loss']} | {n['lr']:.3g} | {n['steps_run']}/{n['steps']} | "
+                         f"{status} | {fmt(n['train_loss'])} | {fmt(n['val_before'])} | {fmt(n['best_val'])} ({n['best_step']}) |")
+        lines.append("")
+    if distill.get("stage2"):
+        s2 = distill["stage2"]
+        objective = " + ".join(f"{w:g}·{k}" for k, w in s2["objective"].items())
+        lines += ["### Stage 2: end-to-end fine-tuning", "",
+                  f"- objective {objective}{' (LoRA)' if s2['lora'] else ''}; {s2['steps_run']}/{s2['steps']} steps; "
+                  f"final loss {s2['final_loss']:.4g}" if s2["final_loss"] is not None else "- no step completed"]
+        if s2.get("message"):
+            lines.append(f"- {s2['message']}")
+        lines.append("")
+    if distill.get("seconds"):
+        lines.append("Wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in distill["seconds"].items()))
+        lines.append("")
+    lines.append("![loss curves](losses.png)")
+    return lines
 
 
 def _pct(before: int, after: int) -> str:

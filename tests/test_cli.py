@@ -17,16 +17,16 @@ def test_inspect_json_contract(capsys):
     regions = json.loads(capsys.readouterr().out)
     for kind in ("attention", "mlp", "block"):
         of_kind = [r for r in regions if r["kind"] == kind]
-        assert [r["index"] for r in of_kind] == list(range(4))
+        assert [r["index"] for r in of_kind] == list(range(6))
         assert all(r["fqn"] and r["params"] > 0 for r in of_kind)
-    assert [r["fqn"] for r in regions if r["kind"] == "attention"] == [f"blocks.{i}.attn" for i in range(4)]
+    assert [r["fqn"] for r in regions if r["kind"] == "attention"] == [f"blocks.{i}.attn" for i in range(6)]
 
 
 def test_compile_writes_artifact(tmp_path, capsys):
     out = tmp_path / "graft"
     assert main(["compile", "demo:tiny-dit", str(EXAMPLES / "attn50-mlp100.yaml"), "-o", str(out), "--emit-code"]) == 0
     printed = capsys.readouterr().out
-    assert "forward of blocks.1.attn" in printed and "rewrote 6 regions" in printed
+    assert "forward of blocks.1.attn" in printed and "rewrote 9 regions" in printed
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors", "plan.yaml", "report.md"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["spec"] == "demo:tiny-dit" and len(manifest["base"]["weights_sha256"]) == 64

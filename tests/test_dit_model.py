@@ -64,7 +64,7 @@ def test_configs_and_defaults():
     assert tuple(DIT_CONFIGS["DiT-L/4"]) == (24, 1024, 4, 16)
     assert tuple(DIT_CONFIGS["DiT-B/8"]) == (12, 768, 8, 12)
     assert tuple(DIT_CONFIGS["DiT-S/2"]) == (12, 384, 2, 6)
-    assert tuple(DIT_CONFIGS["tiny"]) == (4, 128, 2, 4)
+    assert tuple(DIT_CONFIGS["tiny"]) == (6, 128, 2, 4)
 
     with torch.device("meta"):
         tiny = build_dit("tiny")

@@ -49,7 +49,7 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
     **_family(24, 1024, 16, "DiT-L"),
     **_family(12, 768, 12, "DiT-B"),
     **_family(12, 384, 6, "DiT-S"),
-    "tiny": DiTConfig(4, 128, 2, 4),
+    "tiny": DiTConfig(depth=6, hidden_size=128, patch_size=2, num_heads=4),
 }
 
 # Defaults of build_dit: the published models work on 32x32x4 SD-VAE latents of

@@ -1,0 +1,163 @@
+"""Quality recovery after a rewrite: stage 1 (per-node activation distillation), then stage 2 (end-to-end).
+
+`run` drives both stages for `graftc compile`: it makes the data, checkpoints atomically into a work folder
+every `checkpoint_every` steps (and at the stage boundary), resumes from there, and measures quality where
+the model family has a figure for it (FD for the demo DiT). Everything it returns is JSON for the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graftc.distill import checkpoint as ckpt
+from graftc.distill.data import make_task
+from graftc.distill.logs import Scalars, plot_losses
+from graftc.distill.parallel import world as get_world
+from graftc.distill.stage1 import Stage1, build_nodes
+from graftc.distill.stage2 import Stage2
+from graftc.errors import GraftError
+
+
+@dataclass
+class Outcome:
+    summary: dict  # manifest["distill"]: stage1 per node, stage2, timings
+    quality: dict  # manifest["quality"]
+    history: dict  # loss curves
+    main: bool = True
+    files: dict = field(default_factory=dict)  # artifact name -> path (plots, tensorboard folder)
+
+
+class _Checkpoint:
+    """Callable that saves the current stage's state with the run's summary so far."""
+
+    def __init__(self, workdir: Path, every: int, plan_hash: str, world):
+        self.workdir, self.every, self.plan_hash, self.world = workdir, every, plan_hash, world
+        self.stage, self.runner, self.carry = None, None, {}
+
+    def __call__(self, step: int) -> None:
+        if not self.world.main:
+            return
+        tensors, state = self.runner.state()
+        ckpt.save(self.workdir, f"ckpt-{self.stage}-{step:07d}", tensors,
+                  {"plan": self.plan_hash, "stage": self.stage, "step": step, "state": state, "carry": self.carry})
+
+
+def plan_hash(plan, seed: int, spec: str) -> str:
+    from graftc.plan import dump_plan
+
+    return hashlib.sha256(f"{spec}\n{seed}\n{dump_plan(plan)}".encode()).hexdigest()[:16]
+
+
+def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict], plan, loaded, workdir: Path,
+        resume: bool, seed: int, log=print) -> Outcome:
+    cfg = plan.distill
+    w = get_world()
+    teacher.to(w.device).eval().requires_grad_(False)
+    student.to(w.device).eval()
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    task = make_task(loaded, plan.data, seed)
+    digest = plan_hash(plan, seed, loaded.spec)
+    state = ckpt.load(workdir) if resume and w.main else None
+    if resume and w.main and state is None:
+        log(f"resume: no checkpoint in {workdir}; starting from the beginning")
+    if state is not None and state[0].get("plan") != digest:
+        raise GraftError(f"--resume: the checkpoint in {workdir} was made by another plan, model or seed; "
+                         "run without --resume to start over")
+    if w.main and not resume and workdir.exists():
+        shutil.rmtree(workdir)
+    if w.size > 1:  # every rank resumes from what rank 0 found
+        box = [state[0] if state else None]
+        torch.distributed.broadcast_object_list(box)
+        if box[0] is not None and not w.main:
+            state = ckpt.load(workdir)
+    meta, tensors = state if state else ({"stage": None, "carry": {}}, {})
+    carry = meta.get("carry", {})
+    quality = carry.get("quality", {})
+    timings = carry.get("seconds", {})
+
+    start = time.perf_counter()
+    if w.main:
+        task.prepare(teacher, log)
+    w.barrier()
+    if not w.main:
+        task.prepare(teacher, lambda *_: None)
+    timings.setdefault("data", round(time.perf_counter() - start, 2))
+    scalars = Scalars(workdir / "tensorboard" if w.main else None)
+    saver = _Checkpoint(workdir, cfg.checkpoint_every, digest, w)
+    if w.main and "teacher_fd" not in quality:
+        _measure(task, teacher, quality, "teacher_fd", log)
+
+    history = {"stage1": {}, "stage2": []}
+    summary = {"stage1": carry.get("stage1"), "stage2": carry.get("stage2")}
+    if cfg.stage1 is not None and meta["stage"] in (None, "stage1"):
+        begin = time.perf_counter()
+        nodes = build_nodes(student, rewrites, cfg.stage1)
+        runner = Stage1(teacher, student, nodes, task, cfg.stage1, w)
+        step = 0
+        if meta["stage"] == "stage1":
+            runner.restore(tensors, meta["state"])
+            step = meta["step"]
+            log(f"resume: stage 1 from step {step}")
+        saver.stage, saver.runner, saver.carry = "stage1", runner, {"quality": quality, "seconds": timings}
+        runner.run(step, saver, scalars)
+        summary["stage1"] = [n.summary() for n in nodes]
+        history["stage1"] = {n.name: {"train": n.train, "val": n.val} for n in nodes}
+        for n in nodes:
+            if n.status == "non-finite":
+                log(f"stage 1: node {n.name} ({n.record['fqn']}) stopped: {n.message}")
+        timings["stage1"] = round(timings.get("stage1", 0) + time.perf_counter() - begin, 2)
+        if w.main and cfg.stage2 is not None:
+            _measure(task, student, quality, "stage1_fd", log)
+        meta = {"stage": "stage1-done"}
+    elif summary["stage1"]:
+        history["stage1"] = carry.get("history1", {})
+    if cfg.stage2 is not None:
+        begin = time.perf_counter()
+        new_modules = {fqn for r in rewrites for fqn in r["region"]["cover"]}
+        student.requires_grad_(True)
+        runner = Stage2(teacher, student, task, cfg.stage2, w, new_modules, trainable)
+        saver.stage, saver.runner = "stage2", runner
+        saver.carry = {"quality": quality, "seconds": timings, "stage1": summary["stage1"], "history1": history["stage1"]}
+        step = 0
+        if meta["stage"] == "stage2":
+            runner.restore(tensors, meta["state"])
+            step = meta["step"]
+            log(f"resume: stage 2 from step {step}")
+        else:
+            saver(0)  # the stage boundary: a resume never repeats stage 1
+        runner.run(step, saver, scalars)
+        summary["stage2"] = {"steps": cfg.stage2.steps, "steps_run": len(runner.curve) and runner.curve[-1][0],
+                             "final_loss": runner.curve[-1][1] if runner.curve else None,
+                             "objective": runner.weights, "lora": cfg.stage2.lora is not None,
+                             "message": runner.message}
+        history["stage2"] = runner.curve
+        timings["stage2"] = round(timings.get("stage2", 0) + time.perf_counter() - begin, 2)
+    student.requires_grad_(False).eval()
+    scalars.close()
+    if w.main:
+        _measure(task, student, quality, "graft_fd" if cfg.stage2 is not None or cfg.stage1 is None else "stage1_fd", log)
+        if cfg.stage2 is None and "stage1_fd" in quality:
+            quality["graft_fd"] = quality["stage1_fd"]
+    summary["seconds"] = timings
+    files = {}
+    if w.main:
+        png = workdir / "losses.png"
+        if plot_losses(history, png):
+            files["losses.png"] = png
+        if (workdir / "tensorboard").is_dir():
+            files["tensorboard"] = workdir / "tensorboard"
+    return Outcome(summary, quality, history, w.main, files)
+
+
+def _measure(task, model, quality: dict, key: str, log) -> None:
+    begin = time.perf_counter()
+    model.eval()
+    value = task.quality(model)
+    if value is not None:
+        quality[key] = round(float(value), 4)
+        log(f"quality: {key} = {value:.4g} ({time.perf_counter() - begin:.1f}s)")

@@ -1,0 +1,417 @@
+"""Where distillation's inputs come from.
+
+A `Task` knows one model family: how to make (and cache) the samples, how to turn a batch of samples into the
+model's inputs, which tensor of the output to compare, and the model's own training loss. Batches are a pure
+function of (seed, split, step): a resumed or sharded run sees exactly the data an uninterrupted single-process
+run sees (each rank takes its slice of the same global batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from graftc.errors import GraftError
+
+SHARD = 256  # samples per cache shard
+
+
+@dataclass
+class Batch:
+    args: tuple
+    kwargs: dict
+    target: dict = field(default_factory=dict)  # what the model's own loss needs (noise, token ids)
+
+    @property
+    def size(self) -> int:
+        first = next(t for t in (*self.args, *self.kwargs.values()) if isinstance(t, torch.Tensor))
+        return first.shape[0]
+
+
+def generator(seed: int, *tags) -> torch.Generator:
+    """A generator seeded by (seed, tags): the same batch on every rank and after every resume."""
+    digest = hashlib.sha256(repr((seed, *tags)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a module or model output: a tensor, the first tensor of a tuple, or of a ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output
+    if hasattr(output, "to_tuple"):
+        values = output.to_tuple()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise GraftError(f"cannot find a tensor in an output of type {type(output).__name__}")
+
+
+def cache_root(setting: str | None) -> Path:
+    return Path(setting or os.environ.get("GRAFTC_CACHE") or Path.home() / ".cache" / "graftc").expanduser()
+
+
+class Task:
+    """Base: samples in `self.samples` (a dict of tensors with the sample index first), split train/val."""
+
+    name = "task"
+    own_objective: str | None = None  # the model's own loss: "diffusion" or "lm"
+
+    def __init__(self, loaded, data, seed: int):
+        self.loaded, self.data, self.seed = loaded, data, seed
+        self.samples: dict[str, torch.Tensor] = {}
+        self.n_val = 0
+
+    # -- samples ---------------------------------------------------------------
+    def prepare(self, teacher: torch.nn.Module, log=print) -> None:
+        """Make or load the samples (rank 0 makes them; the caller synchronizes ranks)."""
+
+    def _split(self) -> None:
+        n = next(iter(self.samples.values())).shape[0]
+        self.n_val = max(1, int(round(n * self.data.val_fraction)))
+        if n - self.n_val < 1:
+            raise GraftError(f"data: {n} samples are too few to hold out a validation share")
+
+    def _rows(self, split: str) -> range:
+        n = next(iter(self.samples.values())).shape[0]
+        return range(n - self.n_val, n) if split == "val" else range(0, n - self.n_val)
+
+    # -- batches ---------------------------------------------------------------
+    def batch(self, stage: str, step: int, size: int, rank: int = 0, world: int = 1) -> Batch:
+        """Training batch `step` of `stage`: `size` samples drawn with replacement; this rank's slice."""
+        g = generator(self.seed, stage, step)
+        rows = self._rows("train")
+        index = torch.tensor(list(rows))[torch.randint(len(rows), (size,), generator=g)]
+        return self._slice(self.make(index, g), rank, world)
+
+    def val_batches(self, size: int) -> list[Batch]:
+        """The whole validation split in batches of `size`, with fixed noise: identical on every call and rank."""
+        rows = torch.tensor(list(self._rows("val")))
+        g = generator(self.seed, "val")
+        full = self.make(rows, g)
+        return [self._slice(full, 0, 1, start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
+
+    def make(self, index: torch.Tensor, g: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    @staticmethod
+    def _slice(batch: Batch, rank: int, world: int, start: int | None = None, stop: int | None = None) -> Batch:
+        n = batch.size
+        if start is None:
+            if n % world:
+                raise GraftError(f"batch_size {n} is not divisible by the {world} processes")
+            start, stop = rank * n // world, (rank + 1) * n // world
+        cut = lambda v: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v  # noqa: E731
+        return Batch(tuple(cut(a) for a in batch.args), {k: cut(v) for k, v in batch.kwargs.items()},
+                     {k: cut(v) for k, v in batch.target.items()})
+
+    # -- outputs and losses ------------------------------------------------------
+    def output(self, out) -> torch.Tensor:
+        return first_tensor(out)
+
+    def own_loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise GraftError(f"{self.name}: this model has no training objective of its own; use objective: distill")
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(student.float(), teacher.float())
+
+    # -- quality -------------------------------------------------------------------
+    def quality(self, model: torch.nn.Module) -> float | None:
+        """A sample-quality figure (lower is better) where the model family has one, else None."""
+        return None
+
+    # -- cache -----------------------------------------------------------------------
+    def _cached(self, key: dict, make, log) -> dict[str, torch.Tensor]:
+        """Samples from the cache folder for `key`, made by `make(n_done, n_total, write_shard)` where missing.
+        Shards are written atomically and a finished set is marked by meta.json, so generation resumes too."""
+        from safetensors.torch import load_file, save_file
+
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        folder = cache_root(self.data.cache) / "samples" / f"{self.name}-{digest}"
+        meta = folder / "meta.json"
+        if not meta.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            done = sorted(folder.glob("shard-*.safetensors"))
+
+            def write(shard: dict[str, torch.Tensor], i: int) -> None:
+                tmp = folder / f".shard-{i:05d}.tmp"
+                save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp))
+                os.replace(tmp, folder / f"shard-{i:05d}.safetensors")
+
+            make(len(done), write)
+            tmp = folder / ".meta.tmp"
+            tmp.write_text(json.dumps(key, indent=2))
+            os.replace(tmp, meta)
+        else:
+            log(f"data: using cached samples in {folder}")
+        shards = [load_file(str(p)) for p in sorted(folder.glob("shard-*.safetensors"))]
+        return {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+
+
+# ------------------------------------------------------------------------ diffusion models
+class DiffusionTask(Task):
+    """Class- or text-conditional denoisers: teacher samples -> noisy latents x_t at random timesteps."""
+
+    name = "diffusion"
+    own_objective = "diffusion"
+
+    def prepare(self, teacher, log=print) -> None:
+        from graftc.spec import weights_hash
+
+        n = self.data.samples
+        key = {"model": weights_hash(teacher), "family": self.name, "samples": n,
+               "sampler_steps": self.data.sampler_steps, "cfg_scale": self.data.cfg_scale, "seed": self.seed,
+               **self.key_extra()}
+
+        def make(start_shard: int, write) -> None:
+            from tqdm import tqdm
+
+            shards = range(start_shard, -(-n // SHARD))
+            bar = tqdm(total=n, initial=start_shard * SHARD, desc="data: teacher samples", unit="sample", disable=None)
+            for i in shards:
+                rows = torch.arange(i * SHARD, min((i + 1) * SHARD, n))
+                write(self.generate(teacher, rows), i)
+                bar.update(len(rows))
+            bar.close()
+
+        self.samples = self._cached(key, make, log)
+        self._split()
+
+    def key_extra(self) -> dict:
+        return {}
+
+    def generate(self, teacher, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def own_loss(self, output, batch):
+        noise = batch.target["noise"]
+        return F.mse_loss(output[:, : noise.shape[1]].float(), noise.float())
+
+
+class DiTTask(DiffusionTask):
+    """graftc's DiT (demo:tiny-dit, dit:CONFIG): graftc.diffusion's DDPM schedule and DDIM sampler."""
+
+    name = "dit"
+
+    def __init__(self, loaded, data, seed):
+        from graftc.diffusion import Diffusion
+
+        super().__init__(loaded, data, seed)
+        self.diffusion = Diffusion()
+
+    def generate(self, teacher, rows):
+        from graftc.diffusion import sample_dit
+
+        labels = rows % teacher.num_classes
+        x0 = sample_dit(teacher, labels, steps=self.data.sampler_steps, cfg_scale=self.data.cfg_scale,
+                        generator=generator(self.seed, "samples", int(rows[0])))
+        return {"x0": x0.float().cpu(), "y": labels}
+
+    def make(self, index, g):
+        x0, y = self.samples["x0"][index], self.samples["y"][index]
+        t = torch.randint(self.diffusion.num_timesteps, (len(index),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = self.diffusion.add_noise(x0, noise, t)
+        return Batch((x_t, t, y), {}, {"noise": noise})
+
+    def quality(self, model):
+        if not self.loaded.spec.startswith("demo:") or not self.data.fd_samples:
+            return None
+        from graftc.models.demo import demo_fd
+
+        return demo_fd(model, n=self.data.fd_samples, steps=self.data.sampler_steps, cfg_scale=self.data.cfg_scale,
+                       seed=self.seed)
+
+
+class DiffusersTask(DiffusionTask):
+    """diffusers denoisers (DiTTransformer2DModel, PixArtTransformer2DModel, ...) with a diffusers scheduler:
+    the pipeline's own scheduler config where the model came from a pipeline folder, else DDIM defaults."""
+
+    name = "diffusers"
+
+    def __init__(self, loaded, data, seed):
+        super().__init__(loaded, data, seed)
+        cfg = loaded.model.config
+        self.channels = cfg.get("in_channels", 4)
+        size = cfg.get("sample_size") or 8
+        self.size = size if isinstance(size, int) else size[0]
+        self.classes = cfg.get("num_embeds_ada_norm") if "class_labels" in loaded.kwargs else None
+        self.text = "encoder_hidden_states" in loaded.kwargs
+        self.prompts = self._prompts() if self.text else None
+        self.scheduler = self._scheduler()
+
+    def _prompts(self) -> dict[str, torch.Tensor]:
+        if not self.data.prompt_embeds:
+            raise GraftError("data.prompt_embeds: this text-conditional model needs caption embeddings (a "
+                             "safetensors file with prompt_embeds [P, L, C]); graftc does not run text encoders")
+        from safetensors.torch import load_file
+
+        path = Path(self.data.prompt_embeds)
+        if not path.is_file():
+            raise GraftError(f"data.prompt_embeds: file not found: {path}")
+        embeds = load_file(str(path))
+        if "prompt_embeds" not in embeds or embeds["prompt_embeds"].dim() != 3:
+            raise GraftError(f"data.prompt_embeds: {path} must hold prompt_embeds [P, L, C] (has {sorted(embeds)})")
+        return embeds
+
+    def _scheduler(self):
+        import diffusers
+
+        spec = Path(self.loaded.spec)
+        for folder in (spec / "scheduler", spec.parent / "scheduler"):
+            if (folder / "scheduler_config.json").is_file():
+                config = diffusers.DDIMScheduler.load_config(str(folder))
+                cls = getattr(diffusers, config.get("_class_name", ""), diffusers.DDIMScheduler)
+                return cls.from_config(config)
+        return diffusers.DDIMScheduler()
+
+    def key_extra(self):
+        return {"scheduler": dict(self.scheduler.config), "prompts": self.data.prompt_embeds}
+
+    def _condition(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        cond = {}
+        if self.classes:
+            cond["class_labels"] = rows % self.classes
+        if self.text:
+            cond["encoder_hidden_states"] = self.prompts["prompt_embeds"][rows % len(self.prompts["prompt_embeds"])]
+            if "prompt_mask" in self.prompts:
+                cond["encoder_attention_mask"] = self.prompts["prompt_mask"][rows % len(self.prompts["prompt_mask"])]
+        return cond
+
+    def _inputs(self, x, t, cond) -> dict:
+        kwargs = {**self.loaded.kwargs, "hidden_states": x, "timestep": t, **cond}
+        extra = kwargs.get("added_cond_kwargs")
+        if isinstance(extra, dict):  # PixArt's micro-conditions: one row per sample
+            kwargs["added_cond_kwargs"] = {k: (v.expand(len(x), *v.shape[1:]) if isinstance(v, torch.Tensor) else v)
+                                           for k, v in extra.items()}
+        return kwargs
+
+    @torch.no_grad()
+    def generate(self, teacher, rows):
+        import copy
+
+        g = generator(self.seed, "samples", int(rows[0]))
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(self.data.sampler_steps)
+        cond = self._condition(rows)
+        guided = self.classes and self.data.cfg_scale != 1
+        x = torch.randn(len(rows), self.channels, self.size, self.size, generator=g) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(x, t)
+            tt = torch.full((len(rows),), int(t))
+            if guided:  # class-conditional CFG: the null class is the extra embedding row
+                both = {"class_labels": torch.cat([cond["class_labels"], torch.full_like(cond["class_labels"], self.classes)])}
+                eps = self.output(teacher(**self._inputs(torch.cat([inp, inp]), torch.cat([tt, tt]), both)))[:, : self.channels]
+                c, u = eps.chunk(2)
+                eps = u + self.data.cfg_scale * (c - u)
+            else:
+                eps = self.output(teacher(**self._inputs(inp, tt, cond)))[:, : self.channels]
+            x = scheduler.step(eps, t, x).prev_sample
+        return {"x0": x.float(), "rows": rows}
+
+    def make(self, index, g):
+        x0, rows = self.samples["x0"][index], self.samples["rows"][index]
+        t = torch.randint(self.scheduler.config.num_train_timesteps, (len(index),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        return Batch((), self._inputs(x_t, t, self._condition(rows)), {"noise": noise})
+
+
+# ------------------------------------------------------------------------ language models and encoders
+class TextTask(Task):
+    """transformers models on a text file (or folder of .txt files), cut into blocks of seq_len tokens."""
+
+    name = "text"
+
+    def __init__(self, loaded, data, seed):
+        super().__init__(loaded, data, seed)
+        if not data.text:
+            raise GraftError("data.text: give a text file or a folder of .txt files for this language model or encoder")
+        self.causal = type(loaded.model).__name__.endswith("ForCausalLM")
+        self.own_objective = "lm" if self.causal else None
+
+    def prepare(self, teacher, log=print) -> None:
+        path = Path(self.data.text)
+        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+        if not path.exists() or not files:
+            raise GraftError(f"data.text: {'no .txt files in' if path.exists() else 'not found:'} {path}")
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.loaded.spec)
+        except Exception as exc:
+            raise GraftError(f"{self.loaded.spec}: no usable tokenizer in the model folder "
+                             f"({str(exc).splitlines()[0][:120]})") from None
+        ids = tokenizer("\n\n".join(f.read_text(errors="replace") for f in files), add_special_tokens=False)["input_ids"]
+        L = self.data.seq_len
+        if len(ids) < 2 * L:
+            raise GraftError(f"data.text: {path} has {len(ids)} tokens, fewer than two samples of seq_len {L}")
+        blocks = torch.tensor(ids[: len(ids) // L * L]).view(-1, L)
+        self.samples = {"input_ids": blocks}
+        self._split()
+        log(f"data: {len(blocks)} samples of {L} tokens from {path}")
+
+    def make(self, index, g):
+        ids = self.samples["input_ids"][index]
+        static = {k: v for k, v in self.loaded.kwargs.items() if not isinstance(v, torch.Tensor)}
+        return Batch((), {**static, "input_ids": ids}, {"input_ids": ids})
+
+    def output(self, out):
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else first_tensor(out)
+
+    def distill_loss(self, student, teacher):
+        if not self.causal:
+            return super().distill_loss(student, teacher)
+        # matching next-token distributions: KL(teacher || student), per token
+        return F.kl_div(F.log_softmax(student.float(), -1).flatten(0, -2), F.log_softmax(teacher.float(), -1).flatten(0, -2),
+                        log_target=True, reduction="batchmean")
+
+    def own_loss(self, output, batch):
+        if not self.causal:
+            return super().own_loss(output, batch)
+        ids = batch.target["input_ids"]
+        return F.cross_entropy(output[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+# ------------------------------------------------------------------------ anything else
+class ExampleTask(Task):
+    """Models with no known data (timm:, python:): random inputs shaped like the example inputs (Gaussian for
+    float tensors, integers in the example's range for integer tensors). Enough to fit operators to the
+    teacher's function; real data is better where the family has it."""
+
+    name = "example"
+
+    def prepare(self, teacher, log=print) -> None:
+        self.samples = {"row": torch.arange(self.data.samples)}
+        self._split()
+        log("data: no data source for this model family; random inputs shaped like the example inputs")
+
+    def make(self, index, g):
+        def like(value):
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                return value
+            shape = (len(index), *value.shape[1:])
+            if value.is_floating_point():
+                return torch.randn(shape, generator=g).to(value.dtype)
+            high = int(value.max()) + 1 if value.numel() else 2
+            return torch.randint(max(high, 2), shape, generator=g).to(value.dtype)
+
+        return Batch(tuple(like(a) for a in self.loaded.args), {k: like(v) for k, v in self.loaded.kwargs.items()})
+
+
+def make_task(loaded, data, seed: int) -> Task:
+    """The task for a loaded model, by its family."""
+    if loaded.family == "dit":
+        return DiTTask(loaded, data, seed)
+    if loaded.family == "diffusers" and "hidden_states" in loaded.kwargs and "timestep" in loaded.kwargs:
+        return DiffusersTask(loaded, data, seed)
+    if loaded.family == "transformers":
+        return TextTask(loaded, data, seed)
+    return ExampleTask(loaded, data, seed)

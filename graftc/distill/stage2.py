@@ -1,0 +1,192 @@
+"""Stage 2: lightweight end-to-end fine-tuning of the whole grafted model.
+
+Objectives: `distill` (match the frozen teacher's outputs; KL over next-token distributions for language
+models), the model's own loss (`diffusion`: noise prediction; `lm`: next token), or a weighted sum. AdamW with
+linear warmup then a constant rate, gradient clipping, an EMA of the weights (the EMA is what is saved), bf16
+autocast on CUDA. Full fine-tuning, or LoRA: low-rank updates of the Linears outside the rewritten nodes
+(the new operators train fully), merged back into the Linears at the end so the artifact keeps the model's
+own structure. Under torchrun the model is wrapped in DistributedDataParallel and each rank takes its slice of
+the batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from graftc.distill.data import Task, generator
+from graftc.distill.parallel import World
+from graftc.errors import GraftError
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + (alpha / rank) * x A^T B^T with B starting at zero, so training starts at the base model."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        base.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # model code may read a Linear's weight (e.g. for its dtype)
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += (self.lora_b @ self.lora_a) * self.scale
+        return self.base
+
+
+def add_lora(model: nn.Module, keep_full: set[str], rank: int, alpha: float) -> list[str]:
+    """Wrap every Linear outside the `keep_full` module paths; everything else except the new nodes is frozen."""
+    from graftc.rules import set_submodule
+
+    model.requires_grad_(False)
+    wrapped = []
+    for fqn, module in list(model.named_modules()):
+        inside = any(fqn == k or fqn.startswith(k + ".") for k in keep_full)
+        if isinstance(module, nn.Linear) and not inside:
+            set_submodule(model, fqn, LoraLinear(module, rank, alpha))
+            wrapped.append(fqn)
+    for k in keep_full:
+        model.get_submodule(k).requires_grad_(True)
+    return wrapped
+
+
+def merge_lora(model: nn.Module, wrapped: list[str]) -> None:
+    from graftc.rules import set_submodule
+
+    for fqn in wrapped:
+        set_submodule(model, fqn, model.get_submodule(fqn).merged())
+
+
+class Stage2:
+    def __init__(self, teacher: nn.Module, student: nn.Module, task: Task, cfg, world: World, new_modules: set[str],
+                 trainable: set[str]):
+        self.teacher, self.student, self.task, self.cfg, self.world = teacher, student, task, cfg, world
+        self.weights = cfg.objective_weights()
+        for name in self.weights:
+            if name != "distill" and name != task.own_objective:
+                own = task.own_objective or "none"
+                raise GraftError(f"distill.stage2.objective: '{name}' is not this model's own loss (it has: {own}); "
+                                 "use distill")
+        self.lora = add_lora(student, new_modules, cfg.lora.rank, cfg.lora.alpha) if cfg.lora else []
+        if not cfg.lora:  # full fine-tuning of what was trainable in the teacher (frozen tables stay frozen)
+            for name, p in student.named_parameters():
+                p.requires_grad_(name in trainable or any(name.startswith(m + ".") for m in new_modules))
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        if not self.params:
+            raise GraftError("distill.stage2: the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema else []
+        self.curve: list = []
+        self.skipped = 0
+        self.message = ""
+        self.model = student
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(student, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        cuda = world.device.type == "cuda"
+        self.autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup) if self.cfg.warmup else self.cfg.lr
+
+    def loss(self, batch) -> torch.Tensor:
+        with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.task.output(self.model(*batch.args, **batch.kwargs))
+            total = 0.0
+            for name, weight in self.weights.items():
+                if name == "distill":
+                    with torch.no_grad():
+                        target = self.task.output(self.teacher(*batch.args, **batch.kwargs))
+                    part = self.task.distill_loss(out, target)
+                else:
+                    part = self.task.own_loss(out, batch)
+                total = total + weight * part
+        return total
+
+    def run(self, start: int, checkpoint, scalars, progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        from graftc.distill.stage1 import _to
+
+        self.student.train()
+        bar = tqdm(total=self.cfg.steps, initial=start, desc="stage 2", disable=None if progress and self.world.main else True,
+                   dynamic_ncols=True)
+        for step in range(start, self.cfg.steps):
+            torch.manual_seed(int(generator(self.task.seed, "stage2-rng", step).initial_seed()))  # dropout, resumable
+            batch = _to(self.task.batch("stage2", step, self.cfg.batch_size, self.world.rank, self.world.size),
+                        self.world.device)
+            loss = self.loss(batch)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            value = loss.detach().float().reshape(1)
+            self.world.average([value])
+            if not (math.isfinite(float(value)) and math.isfinite(float(norm))):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped += 1
+                if self.skipped >= 5:
+                    self.message = f"stopped at step {step + 1}: 5 non-finite losses in a row; kept the last good weights"
+                    break
+                continue
+            self.skipped = 0
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                decay = min(self.cfg.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(self.ema, self.params):
+                        e.lerp_(p.detach(), 1 - decay)
+            self.curve.append([step + 1, float(value)])
+            scalars.add("stage2/loss", float(value), step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(value):.4g}")
+            if (step + 1) % checkpoint.every == 0 and step + 1 < self.cfg.steps:
+                checkpoint(step + 1)
+        bar.close()
+        self.finish()
+
+    def finish(self) -> None:
+        """Put the EMA into the weights, merge LoRA, back to eval mode."""
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                p.copy_(e)
+        merge_lora(self.student, self.lora)
+        self.lora = []
+        self.student.eval()
+
+    # -- checkpoint state ----------------------------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        from graftc.distill.checkpoint import optimizer_tensors
+
+        tensors = {f"s2.model.{k}": v for k, v in self.student.state_dict().items()}
+        tensors.update({f"s2.ema.{i}": e for i, e in enumerate(self.ema)})
+        tensors.update(optimizer_tensors(self.optimizer, "s2.opt"))
+        return tensors, {"curve": self.curve, "skipped": self.skipped}
+
+    def restore(self, tensors: dict, state: dict) -> None:
+        from graftc.distill.checkpoint import load_optimizer
+
+        self.student.load_state_dict({k[len("s2.model."):]: v for k, v in tensors.items() if k.startswith("s2.model.")})
+        with torch.no_grad():
+            for i, e in enumerate(self.ema):
+                e.copy_(tensors[f"s2.ema.{i}"])
+        if any(k.startswith("s2.opt.") for k in tensors):
+            load_optimizer(self.optimizer, tensors, "s2.opt")
+        self.curve, self.skipped = state.get("curve", []), state.get("skipped", 0)

@@ -1,0 +1,259 @@
+"""Distillation: stage 1 per node from one teacher pass, stage 2 end to end, resume after kill -9, DDP, NaN."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from graftc.cli import main
+from graftc.distill.data import Batch, make_task
+from graftc.distill.stage2 import LoraLinear
+from graftc.plan import parse_plan
+from graftc.spec import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan_file(tmp_path: Path, graft: list, stage1: dict | None = None, stage2: dict | None = None, **data) -> Path:
+    distill = {"checkpoint_every": 5}
+    if stage1 is not None:
+        distill["stage1"] = {"batch_size": 8, "lr": 1e-3, "eval_every": 5, **stage1}
+    if stage2 is not None:
+        distill["stage2"] = {"batch_size": 8, "lr": 1e-4, "warmup": 2, **stage2}
+    plan = {"version": 1, "graft": graft, "distill": distill,
+            "data": {"samples": 24, "sampler_steps": 2, "fd_samples": 0, "cache": str(tmp_path / "cache"), **data}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+HYENA = [{"select": {"kind": "attention", "layers": "1::2"}, "replace": {"op": "hyena_x"}}]
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_stage1_copy_graft_starts_at_zero_loss(tmp_path):
+    """Teacher-input injection: an exact copy of each operator, fed the teacher's inputs, has zero loss."""
+    graft = [{"select": {"kind": "attention", "layers": [0, 2]}, "replace": {"op": "self", "init": "copy"}},
+             {"select": {"kind": "mlp", "layers": [1]}, "replace": {"op": "self", "init": "copy"}}]
+    out = tmp_path / "out"
+    assert main(["compile", "dit:tiny", str(plan_file(tmp_path, graft, {"steps": 2})), "-o", str(out)]) == 0
+    nodes = manifest(out)["distill"]["stage1"]
+    assert [n["loss"] for n in nodes] == ["l1", "l1", "l2"]  # auto: L1 attention, L2 mlp
+    assert all(n["val_before"] == 0.0 for n in nodes)
+
+
+def test_stage1_and_stage2_recover_and_report(tmp_path):
+    out = tmp_path / "out"
+    plan = plan_file(tmp_path, HYENA, {"steps": 15}, {"steps": 6, "objective": {"distill": 1, "diffusion": 0.5}})
+    assert main(["compile", "dit:tiny", str(plan), "-o", str(out)]) == 0
+    m = manifest(out)
+    nodes = m["distill"]["stage1"]
+    assert [n["fqn"] for n in nodes] == ["blocks.1.attn", "blocks.3.attn", "blocks.5.attn"]
+    for n in nodes:  # every node learned from the shared teacher pass
+        assert n["status"] == "done" and n["steps_run"] == 15 and n["best_val"] < 0.8 * n["val_before"]
+    assert m["distill"]["stage2"]["steps_run"] == 6
+    report = (out / "report.md").read_text()
+    assert "Stage 1: activation distillation" in report and "blocks.3.attn" in report and "Stage 2" in report
+    assert (out / "losses.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    assert not (tmp_path / ".out.graftc-run").exists()  # the work folder goes once the artifact is complete
+    # the artifact loads back into the distilled model
+    from graftc.artifact import load
+
+    model = load(out)
+    x = load_model("dit:tiny").args
+    assert torch.isfinite(model(*x)).all()
+
+
+def test_data_cache_is_reused(tmp_path, capsys):
+    plan = plan_file(tmp_path, HYENA, {"steps": 1})
+    assert main(["compile", "dit:tiny", str(plan), "-o", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["compile", "dit:tiny", str(plan), "-o", str(tmp_path / "b")]) == 0
+    assert "using cached samples" in capsys.readouterr().out
+    shards = list((tmp_path / "cache" / "samples").glob("*/shard-*.safetensors"))
+    assert len(shards) == 1 and load_file(str(shards[0]))["x0"].shape == (24, 1, 8, 8)
+
+
+def test_non_finite_node_stops_alone(tmp_path):
+    """A node whose loss blows up stops with a message and keeps its best weights; the run completes."""
+    stage1 = {"steps": 6, "overrides": [{"match": "blocks.3.attn", "lr": 1.0e30}]}
+    out = tmp_path / "out"
+    assert main(["compile", "dit:tiny", str(plan_file(tmp_path, HYENA, stage1)), "-o", str(out)]) == 0
+    nodes = {n["fqn"]: n for n in manifest(out)["distill"]["stage1"]}
+    bad = nodes["blocks.3.attn"]
+    assert bad["status"] == "non-finite" and "kept its best weights" in bad["message"]
+    assert nodes["blocks.1.attn"]["status"] == "done" and nodes["blocks.5.attn"]["status"] == "done"
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert "non-finite" in (out / "report.md").read_text()
+
+
+def test_per_node_overrides_and_losses(tmp_path):
+    stage1 = {"steps": 2, "loss": "huber", "overrides": [{"match": "re:blocks\\.1\\.", "loss": "l2", "steps": 1, "lr": 5e-4}]}
+    out = tmp_path / "out"
+    assert main(["compile", "dit:tiny", str(plan_file(tmp_path, HYENA, stage1)), "-o", str(out)]) == 0
+    nodes = {n["fqn"]: n for n in manifest(out)["distill"]["stage1"]}
+    assert (nodes["blocks.1.attn"]["loss"], nodes["blocks.1.attn"]["steps_run"], nodes["blocks.1.attn"]["lr"]) == ("l2", 1, 5e-4)
+    assert nodes["blocks.3.attn"]["loss"] == "huber" and nodes["blocks.3.attn"]["steps_run"] == 2
+
+
+def test_batches_are_deterministic_and_shard_exactly():
+    loaded = load_model("dit:tiny")
+    plan = parse_plan({"version": 1, "data": {"samples": 16}})
+    task = make_task(loaded, plan.data, seed=3)
+    task.samples = {"x0": torch.randn(16, 1, 8, 8), "y": torch.arange(16) % 10}
+    task._split()
+    whole = task.batch("stage1", 7, 8)
+    halves = [task.batch("stage1", 7, 8, rank, 2) for rank in (0, 1)]
+    for i in range(3):
+        torch.testing.assert_close(torch.cat([h.args[i] for h in halves]), whole.args[i], rtol=0, atol=0)
+    assert not torch.equal(task.batch("stage1", 8, 8).args[0], whole.args[0])
+    assert sum(b.size for b in task.val_batches(4)) == task.n_val == 2
+
+
+def test_lora_merge_matches_the_adapter():
+    base = torch.nn.Linear(6, 5)
+    lora = LoraLinear(base, rank=2, alpha=4.0)
+    torch.nn.init.normal_(lora.lora_b)
+    x = torch.randn(3, 6)
+    expected = lora(x)
+    torch.testing.assert_close(lora.merged()(x), expected)
+
+
+def test_stage2_lora_trains_adapters_and_merges(tmp_path):
+    out = tmp_path / "out"
+    # a randomly initialized DiT predicts zero (adaLN-Zero): the diffusion loss, not distill, has gradients
+    plan = plan_file(tmp_path, HYENA, None, {"steps": 3, "lora": {"rank": 4}, "ema": 0, "objective": "diffusion"})
+    assert main(["compile", "dit:tiny", str(plan), "-o", str(out)]) == 0
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in weights)  # merged back into the model's own Linears
+    teacher = load_model("dit:tiny").model.state_dict()
+    changed = not torch.equal(weights["final_layer.linear.weight"], teacher["final_layer.linear.weight"])
+    frozen = torch.equal(weights["pos_embed"], teacher["pos_embed"])
+    assert changed and frozen
+
+
+def test_objective_must_be_the_models_own(tmp_path, capsys):
+    from tests import zoo
+
+    spec = zoo.bert(tmp_path / "bert")
+    (tmp_path / "text.txt").write_text("a cat on the red dog " * 50)
+    zoo.tiny_t5_tokenizer().save_pretrained(spec)
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "swa"}}],
+                     None, {"steps": 1, "objective": "lm"}, text=str(tmp_path / "text.txt"), seq_len=8)
+    assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "objective" in err and "'lm' is not this model's own loss" in err and not (tmp_path / "out").exists()
+
+
+def test_language_model_on_a_text_file(tmp_path):
+    from tests import zoo
+
+    spec = zoo.qwen3(tmp_path / "qwen3")
+    zoo.tiny_t5_tokenizer().save_pretrained(spec)
+    (tmp_path / "text.txt").write_text("the photo of a cat on the red dog in a blue photo " * 40)
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [1]}, "replace": {"op": "swa", "window": 2}}],
+                     {"steps": 4}, {"steps": 2, "objective": {"distill": 1, "lm": 1}}, text=str(tmp_path / "text.txt"), seq_len=8)
+    out = tmp_path / "out"
+    assert main(["compile", spec, str(plan), "-o", str(out)]) == 0
+    m = manifest(out)
+    assert m["distill"]["stage1"][0]["steps_run"] == 4 and m["distill"]["stage2"]["objective"] == {"distill": 1.0, "lm": 1.0}
+
+
+def test_text_data_is_required_for_language_models(tmp_path, capsys):
+    from tests import zoo
+
+    spec = zoo.qwen3(tmp_path / "qwen3")
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [1]}, "replace": {"op": "swa"}}], {"steps": 1})
+    assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
+    assert "data.text" in capsys.readouterr().err
+
+
+def test_diffusers_dit_pipeline_folder(tmp_path):
+    from tests import zoo
+
+    folder = tmp_path / "pipe"
+    zoo.dit_pipeline(zoo.make_diffusers_dit()).save_pretrained(folder)
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [1]}, "replace": {"op": "hyena_x"}}],
+                     {"steps": 3}, {"steps": 2, "objective": "diffusion"})
+    out = tmp_path / "out"
+    assert main(["compile", str(folder), str(plan), "-o", str(out)]) == 0
+    assert manifest(out)["distill"]["stage1"][0]["steps_run"] == 3
+
+
+# ------------------------------------------------------------------ real processes: kill -9, torchrun
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "graftc.cli", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / "model.safetensors"))
+
+
+RESUME_STAGES = {"stage1": {"steps": 12}, "stage2": {"steps": 12}}
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, stage):
+    plan = plan_file(tmp_path, HYENA, **RESUME_STAGES)
+    ref = tmp_path / "ref"
+    subprocess.run(_cli("compile", "dit:tiny", str(plan), "-o", str(ref)), env=_env(), check=True, capture_output=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli("compile", "dit:tiny", str(plan), "-o", str(out)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".out.graftc-run" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                seen = json.loads(state.read_text())
+            except json.JSONDecodeError:
+                seen = {}
+            if seen.get("stage") == stage and seen.get("step", 0) >= 5:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run(_cli("compile", "dit:tiny", str(plan), "-o", str(out), "--resume"), env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resume: {stage.replace('stage', 'stage ')} from step" in done.stdout
+    a, b = _weights(ref), _weights(out)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    plan = plan_file(tmp_path, HYENA, {"steps": 4}, {"steps": 3})
+    one = tmp_path / "one"
+    subprocess.run(_cli("compile", "dit:tiny", str(plan), "-o", str(one)), env=_env(), check=True, capture_output=True)
+    two = tmp_path / "two"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + os.getpid() % 1000), "-m", "graftc.cli", "compile", "dit:tiny", str(plan), "-o", str(two)],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = _weights(one), _weights(two)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    m1, m2 = manifest(one)["distill"]["stage1"], manifest(two)["distill"]["stage1"]
+    for n1, n2 in zip(m1, m2):
+        assert n1["best_val"] == pytest.approx(n2["best_val"], rel=1e-4)
