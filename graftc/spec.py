@@ -22,7 +22,7 @@ import yaml
 from graftc.errors import GraftError, read_json
 
 FORMS = "a save_pretrained directory, timm:NAME, python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]"
-DEMOS = {"tiny-dit": "a small class-conditional DiT on 8x8x1 latents"}
+DEMOS = {"tiny-dit": "graftc's tiny class-conditional DiT (depth 6, width 128), pretrained on 8x8 digits"}
 
 
 @dataclass
@@ -68,11 +68,12 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 # ---------------------------------------------------------------- graftc's own models
 def _load_demo(name: str) -> Loaded:
-    from graftc.models.dit import build_dit, example_inputs
+    from graftc.models.demo import load_demo_dit
+    from graftc.models.dit import example_inputs
 
     if name != "tiny-dit":
         raise GraftError(f"unknown demo model '{name}' (available: {', '.join(DEMOS)})")
-    model = build_dit("tiny")
+    model = load_demo_dit()  # the committed pretrained weights; a clear GraftError if they are missing
     return Loaded("", model, example_inputs(model, batch_size=1), family="dit")
 
 
