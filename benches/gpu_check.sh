@@ -18,5 +18,7 @@ step() {  # name, seconds, command...: run with a time limit, keep going on fail
     echo "== $name exit ${PIPESTATUS[0]}"
 }
 step gpu_tests 180 python -m pytest -q tests/test_kernel_hyena.py tests/test_kernel_local_attention.py
+step parallel_tests 90 python -m pytest -q tests/test_parallel.py -k "fused or triton or gpu or merge_input or modulated"
 step kernels_cuda 150 python benches/kernels.py --device cuda --out "$results/kernels_cuda.json"
 step block_speed_cuda 120 python benches/block_speed.py --device cuda --reps 10 --out "$results/block_speed_cuda.json"
+step parallel_blocks_cuda 150 python benches/parallel_blocks.py --device cuda --reps 20 --warmup 3 --out "$results/parallel_blocks_cuda.json"

@@ -1,6 +1,7 @@
 """`graftc.compile(model, plan, example_inputs)`: the one verb. Trace -> match -> rewrite, as passes."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ def _trace_pass(state: GraftState) -> PassResult:
 
 def _match_pass(state: GraftState) -> PassResult:
     state.regions = find_regions(state.traced)
-    counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block")}
+    counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block", "block_pair")}
     return PassResult(False, counts)
 
 
@@ -74,14 +75,33 @@ def _rewrite_pass(step_index: int, step) -> Pass:
             if region.fqn in done:
                 raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} was already rewritten "
                                  f"by op '{done[region.fqn]['rule']}'")
+            clash = _overlap(region, state.rewrites)
+            if clash:  # e.g. a block pair over a block whose attention was rewritten: one would undo the other
+                raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} overlaps {clash[0]}, "
+                                 f"already rewritten by op '{clash[1]['rule']}'")
             record = apply_rewrite(state.model, region, step.replace, where)
             record["step"] = step_index
             state.rewrites.append(record)
-        return PassResult(bool(chosen), {"op": step.replace.op, "kind": step.select.kind,
-                                         "rewritten": [r.fqn for r in chosen]})
+        details = {"op": step.replace.op, "kind": step.select.kind, "rewritten": [r.fqn for r in chosen]}
+        left = chosen[0].attrs.get("unpaired") if chosen else None
+        if left:  # blocks the matcher could not pair (the rule's guard refused them unless told to skip)
+            details["left_sequential"] = [f"{u['fqn']}: {u['reason']}" for u in left]
+            warnings.warn(f"{where}: left {len(left)} block(s) sequential: " + "; ".join(details["left_sequential"]),
+                          stacklevel=2)
+        return PassResult(bool(chosen), details)
 
     return Pass(f"{where}:{step.replace.op}", run, frozenset({"regions"} | ({f"graft{step_index - 1}"} if step_index else set())),
                 frozenset({f"graft{step_index}"}))
+
+
+def _overlap(region: Region, rewrites: list[dict]) -> tuple[str, dict] | None:
+    """A module of an earlier rewrite's cover inside (or around) this region's cover, with its record."""
+    for record in rewrites:
+        for done in record["region"]["cover"]:
+            for fqn in region.cover:
+                if fqn == done or fqn.startswith(done + ".") or done.startswith(fqn + "."):
+                    return done, record
+    return None
 
 
 def build_passes(plan) -> list[Pass]:

@@ -13,7 +13,7 @@ from typing import Iterable
 from torch import fx
 
 from graftc.patterns import PATTERNS, Pattern
-from graftc.trace import Traced
+from graftc.trace import Traced, _clean_fqn
 
 # Ops that move or re-type data without mixing it: the matcher looks through them.
 LAYOUT_OPS = {
@@ -90,7 +90,7 @@ def match_pattern(pattern: Pattern, traced: Traced) -> list[tuple[fx.Node, dict]
 class Region:
     """A matched computation. JSON-serializable: the manifest stores it, so loading needs no re-trace."""
 
-    kind: str  # attention | mlp | block
+    kind: str  # attention | mlp | block | block_pair
     index: int  # position among regions of its kind, execution order
     fqn: str  # smallest module enclosing the whole region
     cover: list[str]  # modules that compute exactly this region, in execution order ([] if inline)
@@ -313,8 +313,9 @@ def find_regions(traced: Traced) -> list[Region]:
     blocks = _blocks(attention, mlps, b)
     in_block = {m.fqn for blk in blocks for m in mlps if _within(m.fqn, blk.fqn)}
     mlps = [m for m in mlps if m.fqn in in_block]  # e.g. timestep or caption embedders are not layers
+    pairs = _block_pairs(blocks, b)
     regions = []
-    for kind, items in (("attention", attention), ("mlp", mlps), ("block", blocks)):
+    for kind, items in (("attention", attention), ("mlp", mlps), ("block", blocks), ("block_pair", pairs)):
         for i, r in enumerate(items):
             r.index = i
             r.attrs.pop("first_node", None)
@@ -347,3 +348,120 @@ def _blocks(attention: list[Region], mlps: list[Region], b: _Builder) -> list[Re
                     attrs={"first_node": min(b.order[n] for n in members)}))
                 break
     return blocks
+
+
+def _block_pairs(blocks: list[Region], b: _Builder) -> list[Region]:
+    """Pairs of consecutive blocks (i, i+1) that depth->width can fuse, found from dataflow, greedily in order.
+
+    The block-level graph (networkx) has one vertex per block and one for everything outside the blocks; an edge
+    carries the values flowing between them. Blocks i and i+1 pair when i has exactly one output (its residual
+    stream), only i+1 reads it, i+1 reads nothing else from any block, and the rest of what i+1 reads is what i
+    reads besides its hidden state (conditioning such as timestep/class embeddings, text states, rotary tables:
+    shared). Every block left out gets a reason: in its own attrs (`unpaired`) and, model-wide, in every pair's
+    attrs (`unpaired`: [{block, fqn, reason}]), so a plan can refuse or skip them knowingly.
+    """
+    import networkx as nx
+
+    owner: dict[fx.Node, int] = {}
+    members: list[set] = []
+    for i, blk in enumerate(blocks):
+        inside = {n for n in b.members[blk.fqn] if n.op == "call_function"}
+        members.append(inside)
+        for n in inside:
+            owner.setdefault(n, i)
+    outside = "outside"
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(len(blocks)))
+    graph.add_node(outside)
+    reads: list[set] = []  # per block: the non-parameter values it reads from outside itself
+    outputs: list[list] = []  # per block: its values read outside it
+    for i, inside in enumerate(members):
+        ext = {a for n in inside for a in n.all_input_nodes if a not in inside and b.t.param_fqn(a) is None}
+        reads.append(ext)
+        for a in ext:
+            src = owner.get(a, outside)
+            graph.add_edge(src, i)
+            graph.edges[src, i].setdefault("values", set()).add(a)
+        outs = sorted((n for n in inside if any(u not in inside for u in n.users)), key=b.order.__getitem__)
+        outputs.append(outs)
+        for n in outs:
+            for u in n.users:
+                if u not in inside:
+                    dst = owner.get(u, outside)
+                    graph.add_edge(i, dst)
+                    graph.edges[i, dst].setdefault("values", set()).add(n)
+                    graph.edges[i, dst].setdefault("readers", set()).add(u)
+
+    def where(node: fx.Node) -> str:
+        if node in owner:
+            return blocks[owner[node]].fqn
+        if node.op == "output":
+            return "the model's outputs"
+        return b.t.module(node) or "the top level"
+
+    def problem(i: int) -> str | None:
+        """Why blocks i and i+1 cannot pair, or None."""
+        first, j = blocks[i], i + 1
+        if j == len(blocks):
+            return f"it is the last block and has no following block to pair with (odd depth {len(blocks)})"
+        second = blocks[j]
+        for k in (i, j):
+            if len(outputs[k]) != 1:
+                names = ", ".join(n.name for n in outputs[k][:3])
+                return f"{blocks[k].fqn} has {len(outputs[k])} values read outside it ({names}): side outputs"
+        out = outputs[i][0]
+        later = [dst for dst in graph.successors(i) if dst != j]
+        if later:
+            readers = sorted(graph.edges[i, later[0]]["readers"], key=b.order.__getitem__)
+            return (f"its output is also read outside {second.fqn} (by {op_name(readers[0]) or readers[0].op} in "
+                    f"{where(readers[0])}), so the blocks are not adjacent in the dataflow")
+        if j not in graph.successors(i):
+            return f"{second.fqn} does not read its output"
+        others = [src for src in graph.predecessors(j) if src not in (i, outside)]
+        if others:
+            return f"{second.fqn} also reads the output of {blocks[others[0]].fqn}"
+        cond = reads[j] - {out}
+        extra = sorted(cond - reads[i], key=b.order.__getitem__)
+        if extra:
+            return (f"{second.fqn} reads {extra[0].name} (from {where(extra[0])}), which {first.fqn} does not: "
+                    "the two blocks are not conditioned alike")
+        hidden = reads[i] - cond
+        if len(hidden) != 1:
+            return f"{first.fqn} reads {len(hidden)} values {second.fqn} does not; expected exactly one hidden state"
+        x = next(iter(hidden))
+        if _shape(x) != _shape(out):
+            return f"its output {_shape(out)} does not have its input's shape {_shape(x)}: no residual stream"
+        ca, cb = _module_class(b, first.fqn), _module_class(b, second.fqn)
+        if ca != cb:
+            return f"{first.fqn} ({ca}) and {second.fqn} ({cb}) are different module classes"
+        return None
+
+    pairs, unpaired, i = [], [], 0
+    while i < len(blocks):
+        reason = problem(i)
+        if reason is None:
+            first, second = blocks[i], blocks[i + 1]
+            x = next(iter(reads[i] - (reads[i + 1] - {outputs[i][0]})))
+            params = {a for n in members[i] | members[i + 1] for a in n.all_input_nodes if b.t.param_fqn(a) is not None}
+            pairs.append(Region(
+                "block_pair", -1, first.fqn, [first.fqn, second.fqn], {"first": first.fqn, "second": second.fqn},
+                params=sum(_numel(p) for p in params), flops=first.flops + second.flops,
+                input_shape=_shape(x), output_shape=_shape(outputs[i + 1][0]),
+                attrs={"blocks": [i, i + 1], "conditioning": len(reads[i]) - 1}))
+            first.attrs["pair"] = second.attrs["pair"] = len(pairs) - 1
+            i += 2
+        else:
+            unpaired.append({"block": i, "fqn": blocks[i].fqn, "reason": reason})
+            blocks[i].attrs["unpaired"] = reason
+            i += 1
+    for pair in pairs:
+        pair.attrs["unpaired"] = unpaired
+    return pairs
+
+
+def _module_class(b: _Builder, fqn: str) -> str:
+    for n in b.members[fqn]:
+        for path, cls in (n.meta.get("nn_module_stack") or {}).values():
+            if _clean_fqn(path) == fqn:
+                return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return "?"

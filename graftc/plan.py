@@ -266,7 +266,8 @@ def select_regions(select: Select, regions: list[Region], where: str) -> list[Re
     pool = [r for r in regions if r.kind == select.kind]
     n = len(pool)
     if n == 0:
-        raise GraftError(f"{where}: the model has no {select.kind} regions")
+        why = [f"{r.fqn}: {r.attrs['unpaired']}" for r in regions if r.kind == "block" and "unpaired" in r.attrs]
+        raise GraftError(f"{where}: the model has no {select.kind} regions" + (f" ({'; '.join(why[:2])})" if why else ""))
     if select.fqn is not None:
         if select.fqn.startswith("re:"):
             pattern = re.compile(select.fqn[3:])

@@ -25,7 +25,7 @@ def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Regio
     """Record `site` (and `grid` where one exists) in the attrs of every region that has a cover."""
     from graftc.manager import fake_forward
 
-    entries = {r.cover[0]: r for r in regions if r.cover and r.kind in ("attention", "mlp")}
+    entries = {r.cover[0]: r for r in regions if r.cover and r.kind in ("attention", "mlp", "block_pair")}
     seen: dict[str, dict] = {}
     grids: set[tuple[int, int]] = set()
 

@@ -366,7 +366,7 @@ def pixart_pipeline(transformer):
     return pipe
 
 
-FAMILY_DEPTH = 4
+FAMILY_DEPTH = 6  # the depth of graftc's demo DiT, so every family has the same region counts
 # Every model family graftc supports, as a MODEL spec (saved to `directory` where it is a save_pretrained dir).
 FAMILIES = {
     "diffusers-dit": lambda d: diffusers_dit(d, depth=FAMILY_DEPTH),
