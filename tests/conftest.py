@@ -6,3 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist every worker would otherwise run as many intra-op threads as the machine has cores; with
+# two workers on two cores, OpenMP's spinning threads then slow small ops down by orders of magnitude.
+workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

@@ -194,6 +194,24 @@ def test_diffusers_dit_pipeline_folder(tmp_path):
     assert manifest(out)["distill"]["stage1"][0]["steps_run"] == 3
 
 
+def test_text_to_image_model_takes_prompt_embeddings(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tests import zoo
+
+    folder = tmp_path / "pixart"
+    spec = zoo.pixart(folder)
+    graft = [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "swa", "window": 2}}]
+    assert main(["compile", spec, str(plan_file(tmp_path, graft, {"steps": 1})), "-o", str(tmp_path / "x")]) == 2
+    assert "data.prompt_embeds" in capsys.readouterr().err
+    width = load_model(spec).kwargs["encoder_hidden_states"].shape[-1]
+    save_file({"prompt_embeds": torch.randn(3, 5, width)}, str(tmp_path / "prompts.safetensors"))
+    plan = plan_file(tmp_path, graft, {"steps": 2}, {"steps": 1}, prompt_embeds=str(tmp_path / "prompts.safetensors"))
+    out = tmp_path / "out"
+    assert main(["compile", spec, str(plan), "-o", str(out)]) == 0
+    assert manifest(out)["distill"]["stage1"][0]["best_val"] is not None
+
+
 # ------------------------------------------------------------------ real processes: kill -9, torchrun
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "graftc.cli", *args]
@@ -257,3 +275,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
     m1, m2 = manifest(one)["distill"]["stage1"], manifest(two)["distill"]["stage1"]
     for n1, n2 in zip(m1, m2):
         assert n1["best_val"] == pytest.approx(n2["best_val"], rel=1e-4)
+
+
+def test_every_example_plan_is_valid():
+    from graftc.plan import load_plan
+
+    plans = sorted((ROOT / "examples").glob("*.yaml"))
+    assert len(plans) >= 10
+    for path in plans:
+        load_plan(path)  # raises on any problem
