@@ -54,6 +54,11 @@ def count_flops(model: torch.nn.Module, inputs: tuple) -> int:
 
 def side_by_side(models: dict, inputs: tuple, reps: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per forward of each model, interleaving the models within every repetition."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(models, inputs, reps, warmup).items()}
+
+
+def interleaved_times(models: dict, inputs: tuple, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per forward of each model over `reps` repetitions, each repetition running every model once."""
     times = {name: [] for name in models}
     sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
     with torch.no_grad():
@@ -65,7 +70,7 @@ def side_by_side(models: dict, inputs: tuple, reps: int, warmup: int = 2) -> dic
                 sync()
                 if rep >= warmup:
                     times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import graftc
 from graftc.models.dit import build_dit, example_inputs
+
+from block_speed import count_flops, interleaved_times  # same folder: the shared side-by-side timer
 
 PLAN = {"version": 1, "graft": [{"select": {"kind": "block_pair", "layers": "all"}, "replace": {"op": "parallel"}}]}
 CPU_TOLERANCE = 0.05  # fused may be at most 5% slower than the original on a CPU
@@ -50,29 +51,6 @@ class Kernels(torch.nn.Module):
                 os.environ.pop("GRAFTC_KERNELS", None)
             else:
                 os.environ["GRAFTC_KERNELS"] = before
-
-
-def count_flops(model: torch.nn.Module, inputs: tuple) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(*inputs)
-    return counter.get_total_flops()
-
-
-def side_by_side(models: dict, inputs: tuple, reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per forward of each model, interleaving the models within every repetition."""
-    times = {name: [] for name in models}
-    sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
-    with torch.no_grad():
-        for rep in range(warmup + reps):
-            for name, model in models.items():
-                sync()
-                start = time.perf_counter()
-                model(*inputs)
-                sync()
-                if rep >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -112,7 +90,7 @@ def main() -> None:
         inputs = tuple(t.to(device) for t in example_inputs(original, batch_size=batch, seed=batch))
         inputs = (inputs[0].to(dtype),) + inputs[1:]
         flops = {"original": count_flops(original, inputs), "parallel": count_flops(models["fused"], inputs)}
-        times = side_by_side(models, inputs, args.reps, args.warmup)
+        times = interleaved_times(models, inputs, args.reps, args.warmup)
         ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
         row = {"batch": batch, "tokens": int(inputs[0].shape[-1] // original.patch_size) ** 2,
                "original_ms": ms["original"], "fused_ms": ms["fused"], "reference_ms": ms["reference"],

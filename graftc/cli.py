@@ -90,6 +90,67 @@ def _plan_schema(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from graftc import analysis
+    from graftc.artifact import check_out_dir
+    from graftc.compiler import inspect_regions
+    from graftc.distill.data import make_task
+    from graftc.plan import parse_plan
+    from graftc.spec import load_model
+
+    ks = analysis.parse_ks(args.ks)  # validated before any model is loaded
+    windows = analysis.parse_ks(args.windows, "--windows")
+    if any(w < 1 or w % 2 == 0 for w in windows):
+        raise GraftError(f"--windows: 2D window sizes must be odd positive integers like 3,5,7 (got {args.windows!r})")
+    for name in ("batches", "batch_size", "samples", "block"):
+        if getattr(args, name) < 1:
+            raise GraftError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
+    if args.samples < 2:
+        raise GraftError(f"--samples: must be at least 2 (got {args.samples})")
+    out = Path(args.output)
+    check_out_dir(out, args.force)
+    loaded = load_model(args.model, seed=args.seed)
+    if args.device != "cpu":
+        if args.device.startswith("cuda") and not torch_cuda():
+            raise GraftError(f"--device {args.device}: no CUDA device is available")
+        loaded.model.to(args.device)
+    data = parse_plan({"version": 1}).data.model_copy(update={
+        "samples": args.samples, "fd_samples": 0, "text": args.text, "seq_len": args.seq_len, "cache": args.cache})
+    task = make_task(loaded, data, args.seed)
+    task.prepare(loaded.model, log=note)
+    regions = inspect_regions(loaded.model, analysis._to(loaded.example, next(loaded.model.parameters()).device))
+    note(f"analyzing {args.model}: {args.batches} batch(es) of {args.batch_size}")
+    result = analysis.analyze(loaded.model, task, ks, regions=regions, windows=windows, block=args.block,
+                              n_batches=args.batches, batch_size=args.batch_size, progress=note)
+    result = {"model": args.model, "family": loaded.family, "seed": args.seed, "batch_size": args.batch_size, **result}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        analysis.write_outputs(result, tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if result["attention"]:
+        k = analysis.default_k(result)
+        print(f"L_{k} per attention layer: " + ", ".join(f"{a['index']}: {a['band_mass'][str(k)]:.3f}"
+                                                         for a in result["attention"]))
+        print(f"most local first (k={k}): {analysis.layer_order(result, k)}")
+    print(f"wrote {out}")
+    return 0
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graftc", description="Graft new operators into pretrained transformers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,6 +168,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed for random inits")
     c.add_argument("--emit-code", action="store_true", help="print the traced forward of every rewritten module")
     c.set_defaults(run=_compile)
+    a = sub.add_parser("analyze", help="measure attention locality (band mass L_k) and activation statistics")
+    a.add_argument("model", help="MODEL spec (see inspect)")
+    a.add_argument("-o", "--output", required=True, help="folder to create: analysis.json, PNG plots, report.md")
+    a.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    a.add_argument("--batches", type=int, default=4, help="input batches to average over")
+    a.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    a.add_argument("--ks", default="1,2,4,8,16,32", help="band half-widths k for L_k, comma-separated")
+    a.add_argument("--windows", default="3,5,7,9", help="odd k x k window sizes on the token grid (image models)")
+    a.add_argument("--samples", type=int, default=64, help="diffusion models: teacher samples to generate (cached)")
+    a.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files")
+    a.add_argument("--seq-len", type=int, default=128, help="language models: tokens per sample")
+    a.add_argument("--cache", help="sample cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
+    a.add_argument("--block", type=int, default=256, help="query rows per attention block (memory bound)")
+    a.add_argument("--device", default="cpu", help="torch device to run the model on (cpu, cuda, ...)")
+    a.add_argument("--seed", type=int, default=0, help="seed for samples, timesteps and random inits")
+    a.set_defaults(run=_analyze)
     sch = sub.add_parser("plan-schema", help="print the plan's JSON Schema")
     sch.set_defaults(run=_plan_schema)
     return p

@@ -29,3 +29,13 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def use_reference() -> bool:
     return mode() == "reference"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET=1), where CPU tensors are allowed."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")

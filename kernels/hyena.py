@@ -15,7 +15,6 @@ Three implementations of the same maths, picked per call by `kernels.dispatch`:
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -371,11 +370,6 @@ def _feat_backward_kernel(
         tl.store(d_bias_ptr + program * C + cols, d_bias, mask=cols < C)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 class _Kernels(NamedTuple):
@@ -421,11 +415,11 @@ def _launch_config(u: Tensor, length: int, channels: int, batch: int, gpu_block_
 def _kernels_for(u: Tensor) -> _Kernels:
     if triton is None:
         raise RuntimeError("hyena_conv: the Triton path needs triton installed")
-    if not u.is_cuda and not _interpreting():
+    if not u.is_cuda and not dispatch.interpreting():
         raise RuntimeError(
             "hyena_conv: the Triton path on CPU tensors needs the interpreter: set TRITON_INTERPRET=1"
         )
-    return _jitted(_interpreting())
+    return _jitted(dispatch.interpreting())
 
 
 def _flags(feat_weight, feat_bias, inner_weight) -> dict:

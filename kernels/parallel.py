@@ -30,7 +30,6 @@ bandwidth-bound; the forward fusion is what pays at inference). Under GRAFTC_KER
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, NamedTuple
 
 import torch
@@ -214,11 +213,6 @@ def _merge_kernel(attn_ptr, ga_ptr, mlp_ptr, gm_ptr, x_ptr, bias_ptr, u_ptr, acc
     tl.store(acc_ptr + r64 * width + d, (x + bias).to(acc_ptr.dtype.element_ty), mask=ok)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 class _Kernels(NamedTuple):
@@ -235,9 +229,9 @@ def _jitted(interpret: bool) -> _Kernels:
 def _kernels_for(t: Tensor) -> _Kernels:
     if triton is None:
         raise RuntimeError("parallel kernels: the Triton path needs triton installed")
-    if not t.is_cuda and not _interpreting():
+    if not t.is_cuda and not dispatch.interpreting():
         raise RuntimeError("parallel kernels: the Triton path on CPU tensors needs TRITON_INTERPRET=1")
-    return _jitted(_interpreting())
+    return _jitted(dispatch.interpreting())
 
 
 def _row_blocks(t: Tensor, width: int) -> tuple[int, int, int]:

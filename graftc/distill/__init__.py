@@ -140,9 +140,9 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
     student.requires_grad_(False).eval()
     scalars.close()
     if w.main:
-        _measure(task, student, quality, "graft_fd" if cfg.stage2 is not None or cfg.stage1 is None else "stage1_fd", log)
-        if cfg.stage2 is None and "stage1_fd" in quality:
-            quality["graft_fd"] = quality["stage1_fd"]
+        _measure(task, student, quality, "graft_fd", log)
+        if cfg.stage2 is None and "graft_fd" in quality:  # the final model is the stage-1 model
+            quality["stage1_fd"] = quality["graft_fd"]
     summary["seconds"] = timings
     files = {}
     if w.main:
