@@ -249,6 +249,7 @@ def evaluate_dit(args):
         floor.append(frechet_distance(*feature_stats(images[idx], net), *ref))
     print(f"FD noise floor (random {args.fd_n}-image subsets of the data vs all of it): "
           f"mean {np.mean(floor):.3f}, min {np.min(floor):.3f}, max {np.max(floor):.3f}")
+    torch.manual_seed(args.seed)  # build_dit draws its init from the global generator
     random_dit = _randomized(build_dit("tiny").eval(), args.seed)
     random_fd = demo_fd(random_dit, n=args.fd_n, steps=DEMO_STEPS, cfg_scale=DEMO_CFG_SCALE, seed=0, net=net, ref=ref)
     print(f"FD of a randomly initialized tiny DiT (steps={DEMO_STEPS}, cfg={DEMO_CFG_SCALE}): {random_fd:.3f}")

@@ -77,6 +77,25 @@ def test_stage1_and_stage2_recover_and_report(tmp_path):
     assert torch.isfinite(model(*x)).all()
 
 
+EVERY_OP = {
+    "hyena_x": ("attention", {}), "hyena_y": ("attention", {}), "hyena_se": ("attention", {}),
+    "swa": ("attention", {"window": 2}), "swa2d": ("attention", {"kernel": 3}), "linear": ("attention", {}),
+    "mamba2": ("attention", {"init": "random"}), "self": ("mlp", {"init": "random"}), "mlp": ("mlp", {"ratio": 3}),
+    "mlp_hyena_x": ("mlp", {"init": "random"}), "parallel": ("block_pair", {}),
+}
+
+
+@pytest.mark.parametrize("op", list(EVERY_OP))
+def test_every_operator_distills(tmp_path, op):
+    kind, fields = EVERY_OP[op]
+    graft = [{"select": {"kind": kind, "layers": [1]}, "replace": {"op": op, **fields}}]
+    out = tmp_path / "out"
+    assert main(["compile", "dit:tiny", str(plan_file(tmp_path, graft, {"steps": 2}, {"steps": 1})), "-o", str(out)]) == 0
+    node = manifest(out)["distill"]["stage1"][0]
+    assert node["op"] == op and node["steps_run"] == 2 and node["status"] == "done"
+    assert node["best_val"] is not None and node["best_val"] <= node["val_before"]
+
+
 def test_data_cache_is_reused(tmp_path, capsys):
     plan = plan_file(tmp_path, HYENA, {"steps": 1})
     assert main(["compile", "dit:tiny", str(plan), "-o", str(tmp_path / "a")]) == 0

@@ -17,7 +17,7 @@ import graftc
 from graftc.cli import main
 from graftc.errors import GraftError
 
-MODEL = "demo:tiny-dit"  # 4 attention and 4 mlp regions, loads in ~0.1 s
+MODEL = "demo:tiny-dit"  # 6 attention and 6 mlp regions, loads in ~0.1 s
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 OK_PLAN = """\
