@@ -346,6 +346,43 @@ def layer_order(analysis: dict, k: int) -> list[int]:
     return [a["index"] for a in sorted(layers, key=lambda a: (-a["band_mass"][key], a["index"]))]
 
 
+def locality_ranking(model: torch.nn.Module, source, regions, n_batches: int = 2, batch_size: int = 8) -> dict:
+    """What the local-first / nonlocal-first strategies select by: attention indices, most local first, at
+    default_k, measured on `source` (a Task or batches, see analyze) before any rewrite."""
+    result = analyze(model, source, DEFAULT_KS, regions=regions, n_batches=n_batches, batch_size=batch_size)
+    k = default_k(result)
+    return {"k": k, "order": layer_order(result, k),
+            "band_mass": {a["index"]: a["band_mass"][str(k)] for a in result["attention"]}}
+
+
+def cached_locality(loaded, data, seed: int):
+    """A `locality` provider for graftc.compile: the ranking on the model's own data (as `graftc analyze`
+    measures it), cached as JSON under the data cache, keyed by the weights and the data settings."""
+    import hashlib
+    import json
+    import os
+
+    from graftc.distill.data import cache_root, make_task
+    from graftc.spec import weights_hash
+
+    def rank(model, regions) -> dict:
+        settings = data.model_dump(mode="json", exclude={"fd_samples", "cache"})
+        key = hashlib.sha256(json.dumps([weights_hash(model), settings, seed]).encode()).hexdigest()[:16]
+        path = cache_root(data.cache) / "analysis" / f"locality-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        task = make_task(loaded, data.model_copy(update={"fd_samples": 0}), seed)
+        task.prepare(model)
+        result = locality_ranking(model, task, regions, n_batches=4, batch_size=8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+        return json.loads(path.read_text())
+
+    return rank
+
+
 def default_k(analysis: dict) -> int:
     """The largest measured k <= N / 8 (else the smallest k): where band masses differ most usefully."""
     ks = analysis["ks"]

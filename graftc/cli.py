@@ -50,7 +50,10 @@ def _compile(args) -> int:
     base_hash = weights_hash(loaded.model)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
     teacher = copy.deepcopy(loaded.model) if plan.distill is not None else None
-    result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"))
+    from graftc.analysis import cached_locality
+
+    result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"),
+                   locality=cached_locality(loaded, plan.data, args.seed))
     if args.emit_code:
         print(emit_code(result.model, loaded.example, list(dict.fromkeys(r["fqn"] for r in result.rewrites))) + "\n")
     first, last = result.reports[0], result.reports[-1]
@@ -113,6 +116,9 @@ def _analyze(args) -> int:
         raise GraftError(f"--samples: must be at least 2 (got {args.samples})")
     out = Path(args.output)
     check_out_dir(out, args.force)
+    if args.emit_plan:  # the plan's op, ratio and strategy are checked before any model is loaded
+        emit = emitted_plan(args.op, args.ratio, args.strategy, None)
+        check_out_dir(Path(args.emit_plan), args.force)
     loaded = load_model(args.model, seed=args.seed)
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch_cuda():
@@ -142,6 +148,66 @@ def _analyze(args) -> int:
                                                          for a in result["attention"]))
         print(f"most local first (k={k}): {analysis.layer_order(result, k)}")
     print(f"wrote {out}")
+    if args.emit_plan:
+        order = analysis.layer_order(result, analysis.default_k(result)) if result["attention"] else None
+        emit = emitted_plan(args.op, args.ratio, args.strategy, order)
+        Path(args.emit_plan).write_text(emit)
+        print(f"wrote {args.emit_plan}")
+    return 0
+
+
+def emitted_plan(op: str, ratio: float, strategy: str, order: list[int] | None) -> str:
+    """A plan replacing `ratio` of the attention layers by `op`. Locality strategies are resolved into explicit
+    layer indices (so the plan stands on its own); the others stay as ratio + strategy. Validated here."""
+    from graftc.plan import LOCALITY_STRATEGIES, dump_plan, parse_plan
+
+    select = {"kind": "attention", "ratio": ratio, "strategy": strategy}
+    if strategy in LOCALITY_STRATEGIES and order is not None:
+        k = max(1, round(ratio * len(order)))
+        ranked = order if strategy == "local-first" else order[::-1]
+        select = {"kind": "attention", "layers": sorted(ranked[:k])}
+    plan = parse_plan({"version": 1, "graft": [{"select": select, "replace": {"op": op}}]}, "--emit-plan")
+    header = f"# emitted by graftc analyze: {op} in {ratio:g} of the attention layers, {strategy}\n"
+    return header + dump_plan(plan)
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from graftc import artifact, evaluate
+    from graftc.spec import load_model
+
+    extractor = evaluate.parse_features(args.features)  # validated before any model is loaded
+    if args.samples < 4:
+        raise GraftError(f"--samples: must be at least 4 (got {args.samples})")
+    if args.steps < 1:
+        raise GraftError(f"--steps: must be at least 1 (got {args.steps})")
+    if args.cfg < 0:
+        raise GraftError(f"--cfg: must be at least 0 (got {args.cfg})")
+    if args.output and not Path(args.output).parent.exists():
+        raise GraftError(f"-o: folder {Path(args.output).parent} does not exist")
+    target = Path(args.target)
+    if target.is_dir() and (target / "manifest.json").is_file():  # an artifact: its base model is the teacher
+        base = artifact.read_manifest(target).get("base", {}).get("spec", "")
+        teacher_spec = args.teacher or base
+        loaded = load_model(teacher_spec, seed=args.seed)
+        graft = artifact.load(target)
+        teacher = {"name": "teacher", "spec": teacher_spec, "model": loaded.model}
+        student = {"name": "graft", "spec": str(target), "model": graft}
+    elif args.teacher:
+        loaded = load_model(args.target, seed=args.seed)
+        teacher = {"name": "teacher", "spec": args.teacher, "model": load_model(args.teacher, seed=args.seed).model}
+        student = {"name": "graft", "spec": args.target, "model": loaded.model}
+    else:
+        loaded = load_model(args.target, seed=args.seed)
+        teacher, student = None, {"name": "teacher", "spec": args.target, "model": loaded.model}
+    note(f"evaluating {args.target} ({loaded.family})")
+    result = evaluate.evaluate(student, teacher, loaded, extractor, args.samples, args.steps, args.cfg, args.seed,
+                               text=args.text, cache=args.cache, log=note)
+    result = {"target": args.target, "teacher": teacher["spec"] if teacher else None, "family": loaded.family, **result}
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else evaluate.table(result))
     return 0
 
 
@@ -183,7 +249,25 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--block", type=int, default=256, help="query rows per attention block (memory bound)")
     a.add_argument("--device", default="cpu", help="torch device to run the model on (cpu, cuda, ...)")
     a.add_argument("--seed", type=int, default=0, help="seed for samples, timesteps and random inits")
+    a.add_argument("--emit-plan", metavar="PLAN", help="also write a plan YAML choosing layers by --op/--ratio/--strategy")
+    a.add_argument("--op", default="hyena_x", help="--emit-plan: the attention replacement (default hyena_x)")
+    a.add_argument("--ratio", type=float, default=0.5, help="--emit-plan: share of attention layers (default 0.5)")
+    a.add_argument("--strategy", default="local-first", help="--emit-plan: local-first | nonlocal-first | "
+                                                             "interleaved | first | last (default local-first)")
     a.set_defaults(run=_analyze)
+    e = sub.add_parser("eval", help="evaluate a model or artifact: FD/sFID/IS/precision/recall, agreement, cost")
+    e.add_argument("target", help="an artifact directory (its base model is the teacher) or a MODEL spec")
+    e.add_argument("--teacher", help="MODEL spec of the teacher (default: the artifact's base model)")
+    e.add_argument("--samples", type=int, default=1000, help="diffusion models: samples to generate")
+    e.add_argument("--steps", type=int, default=25, help="diffusion models: DDIM sampler steps")
+    e.add_argument("--cfg", type=float, default=1.0, help="diffusion models: classifier-free guidance scale")
+    e.add_argument("--seed", type=int, default=0, help="seed for samples, inputs and random inits")
+    e.add_argument("--features", default="demo", help="feature extractor: demo | inception:PATH (not available yet)")
+    e.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files (agreement)")
+    e.add_argument("--cache", help="sample cache folder for the agreement inputs (default: a temporary folder)")
+    e.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    e.add_argument("-o", "--output", help="also write the JSON object to this file")
+    e.set_defaults(run=_eval)
     sch = sub.add_parser("plan-schema", help="print the plan's JSON Schema")
     sch.set_defaults(run=_plan_schema)
     return p

@@ -12,7 +12,7 @@ from torch import fx
 from graftc.errors import GraftError
 from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
 from graftc.match import Region, find_regions
-from graftc.plan import parse_plan, select_regions
+from graftc.plan import LOCALITY_STRATEGIES, parse_plan, select_regions
 from graftc.rules import rules_by_op, set_submodule
 from graftc.site import probe
 from graftc.trace import trace
@@ -41,6 +41,8 @@ def _trace_pass(state: GraftState) -> PassResult:
 
 def _match_pass(state: GraftState) -> PassResult:
     state.regions = find_regions(state.traced)
+    if state.locality is not None and callable(state.locality):  # ranked now, on the untouched model
+        state.locality = state.locality(state.model, state.regions)
     counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block", "block_pair")}
     return PassResult(False, counts)
 
@@ -68,7 +70,8 @@ def _rewrite_pass(step_index: int, step) -> Pass:
 
     def run(state: GraftState) -> PassResult:
         done = {r["fqn"]: r for r in state.rewrites}
-        chosen = select_regions(step.select, state.regions, f"{where}.select")
+        order = state.locality["order"] if isinstance(state.locality, dict) else None
+        chosen = select_regions(step.select, state.regions, f"{where}.select", order)
         if rules_by_op()[step.replace.op].plugs_in and any("site" not in r.attrs for r in chosen):
             probe(state.model, state.args, state.kwargs, chosen)  # one forward, only when a rule needs it
         for region in chosen:
@@ -83,6 +86,8 @@ def _rewrite_pass(step_index: int, step) -> Pass:
             record["step"] = step_index
             state.rewrites.append(record)
         details = {"op": step.replace.op, "kind": step.select.kind, "rewritten": [r.fqn for r in chosen]}
+        if order is not None and step.select.strategy in LOCALITY_STRATEGIES:
+            details["locality"] = state.locality  # what the selection was ranked by
         left = chosen[0].attrs.get("unpaired") if chosen else None
         if left:  # blocks the matcher could not pair (the rule's guard refused them unless told to skip)
             details["left_sequential"] = [f"{u['fqn']}: {u['reason']}" for u in left]
@@ -110,16 +115,28 @@ def build_passes(plan) -> list[Pass]:
     return passes + [_rewrite_pass(i, step) for i, step in enumerate(plan.graft)]
 
 
-def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=None) -> GraftResult:
+def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=None, locality=None) -> GraftResult:
     """Rewrite `model` in place by `plan` (a Plan, a dict, or a path to YAML). `example_inputs` is a tuple of
-    positional args or a dict of keyword args, used to trace the model and check every rewrite."""
+    positional args or a dict of keyword args, used to trace the model and check every rewrite.
+
+    `locality(model, regions) -> {"order": [...], ...}` ranks attention layers for the local-first /
+    nonlocal-first strategies (the CLI measures on the model's own data, cached); by default they are ranked on
+    the example inputs."""
     if not isinstance(plan, BaseModel):
         from graftc.plan import load_plan
 
         plan = parse_plan(plan) if isinstance(plan, dict) else load_plan(plan)
     state = GraftState(model.eval(), *split_inputs(example_inputs))
+    if any(step.select.strategy in LOCALITY_STRATEGIES and step.select.ratio is not None for step in plan.graft):
+        state.locality = locality or (lambda m, regions: _example_locality(m, regions, state.args, state.kwargs))
     reports = run_passes(state, build_passes(plan), progress)
     return GraftResult(state.model, state.regions, state.rewrites, reports, plan)
+
+
+def _example_locality(model, regions, args, kwargs) -> dict:
+    from graftc.analysis import locality_ranking
+
+    return locality_ranking(model, [(args, kwargs)], regions, n_batches=1)
 
 
 def inspect_regions(model: torch.nn.Module, example_inputs: Any = ()) -> list[Region]:

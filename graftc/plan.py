@@ -38,7 +38,9 @@ class Select(Strict):
     kind: Literal["attention", "mlp", "block", "block_pair"] = Field("attention", description="region kind")
     layers: Union[list[int], str, None] = Field(None, description='indices, a slice string like "1::2", or "all"')
     ratio: float | None = Field(None, gt=0, le=1, description="fraction of the regions of this kind, in (0, 1]")
-    strategy: Literal["interleaved", "first", "last"] = Field("interleaved", description="which regions `ratio` takes")
+    strategy: Literal["interleaved", "first", "last", "local-first", "nonlocal-first"] = Field(
+        "interleaved", description="which regions `ratio` takes; local-first / nonlocal-first rank attention layers "
+                                   "by measured attention locality (graftc analyze), most / least local first")
     fqn: str | None = Field(None, description='module path, or "re:<regex>" matched against region module paths')
 
     @field_validator("layers", mode="before")
@@ -261,8 +263,12 @@ def _check_keys(data: Any, model: type[BaseModel], path: str) -> None:
 
 
 # ---------------------------------------------------------------- selection
-def select_regions(select: Select, regions: list[Region], where: str) -> list[Region]:
-    """The regions a `select` names, with errors that say what the model has."""
+LOCALITY_STRATEGIES = ("local-first", "nonlocal-first")
+
+
+def select_regions(select: Select, regions: list[Region], where: str, locality: list[int] | None = None) -> list[Region]:
+    """The regions a `select` names, with errors that say what the model has. `locality`: attention indices,
+    most local first, for the locality strategies."""
     pool = [r for r in regions if r.kind == select.kind]
     n = len(pool)
     if n == 0:
@@ -280,7 +286,13 @@ def select_regions(select: Select, regions: list[Region], where: str) -> list[Re
         return chosen
     if select.ratio is not None:
         k = max(1, round(select.ratio * n))
-        if select.strategy == "first":
+        if select.strategy in LOCALITY_STRATEGIES:
+            if select.kind != "attention" or locality is None:
+                raise GraftError(f"{where}: strategy {select.strategy} ranks attention layers by measured locality; "
+                                 f"it needs kind: attention and the locality analysis")
+            ranked = locality if select.strategy == "local-first" else locality[::-1]
+            idx = sorted(ranked[:k])
+        elif select.strategy == "first":
             idx = list(range(k))
         elif select.strategy == "last":
             idx = list(range(n - k, n))

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,3 +170,43 @@ def test_cli_analyze_tiny_dit(tmp_path, monkeypatch, capsys):
     assert main(["analyze", "demo:tiny-dit", "-o", str(tmp_path / "x"), "--windows", "4"]) == 2
     assert main(["analyze", "demo:tiny-dit", "-o", str(tmp_path / "x"), "--batches", "0"]) == 2
     capsys.readouterr()
+
+
+def test_locality_strategies_select_by_measured_locality(tmp_path):
+    import graftc
+    from graftc.compiler import compile as graft
+
+    ranking = {"k": 2, "order": [2, 0, 1, 5, 3, 4]}
+    provider = lambda model, regions: ranking  # noqa: E731
+    picked = {}
+    for strategy in ("local-first", "nonlocal-first"):
+        loaded = graftc.load_model("demo:tiny-dit")
+        plan = {"version": 1, "graft": [{"select": {"kind": "attention", "ratio": 0.5, "strategy": strategy},
+                                         "replace": {"op": "hyena_x"}}]}
+        result = graft(loaded.model, plan, loaded.example, locality=provider)
+        picked[strategy] = [r["index"] for r in result.rewrites]
+        assert result.reports[-1].details["locality"] == ranking
+    assert picked == {"local-first": [0, 1, 2], "nonlocal-first": [3, 4, 5]}
+
+
+def test_locality_strategy_is_for_attention(tmp_path, capsys):
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\ngraft:\n  - select: {kind: mlp, ratio: 0.5, strategy: local-first}\n"
+                    "    replace: {op: mlp, ratio: 3}\n")
+    assert main(["compile", "demo:tiny-dit", str(plan), "-o", str(tmp_path / "out")]) == 2
+    assert "ranks attention layers" in capsys.readouterr().err
+
+
+def test_emit_plan_from_the_analysis_compiles(tmp_path, capsys):
+
+    plan = tmp_path / "emitted.yaml"
+    assert main(["analyze", "demo:tiny-dit", "-o", str(tmp_path / "an"), "--batches", "1", "--samples", "8",
+                 "--cache", str(tmp_path / "cache"), "--emit-plan", str(plan), "--op", "swa", "--ratio", "0.5",
+                 "--strategy", "nonlocal-first"]) == 0
+    analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    from graftc.analysis import default_k
+
+    expected = sorted(layer_order(analysis, default_k(analysis))[::-1][:3])
+    assert yaml.safe_load(plan.read_text())["graft"][0]["select"]["layers"] == expected
+    assert main(["compile", "demo:tiny-dit", str(plan), "-o", str(tmp_path / "out")]) == 0
