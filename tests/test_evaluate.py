@@ -1,0 +1,143 @@
+"""graftc eval: the metrics against independent computations, and the CLI on the demo model and an artifact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from graftc import evaluate
+from graftc.cli import main
+from graftc.models.demo import frechet_distance
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def scipy_fd(mu1, s1, mu2, s2):
+    """The usual FID formula (pytorch-fid): sqrtm of s1 s2, with an epsilon on the diagonal if it fails."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        off = np.eye(len(s1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = np.real(covmean)
+    d = mu1 - mu2
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_fd_matches_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(0.3, 1.5, size=(150, 16)) @ rng.normal(size=(16, 16))
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    want = scipy_fd(mu1, s1, mu2, s2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-8)
+    assert evaluate.fd_of_features(a, b) == pytest.approx(want, rel=1e-8)
+    assert evaluate.fd_of_features(a, (mu2, s2)) == pytest.approx(want, rel=1e-8)
+    assert evaluate.fd_of_features(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fd_matches_scipy_near_singular():
+    rng = np.random.default_rng(1)
+    # rank-3 covariances in 12 dimensions, plus a tiny ridge: condition numbers around 1e9
+    a = rng.normal(size=(500, 3)) @ rng.normal(size=(3, 12))
+    b = rng.normal(size=(400, 3)) @ rng.normal(size=(3, 12)) + 0.5
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False) + 1e-8 * np.eye(12)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False) + 1e-8 * np.eye(12)
+    assert np.linalg.cond(s1) > 1e6 and np.linalg.cond(s2) > 1e6
+    want = scipy_fd(mu1, s1, mu2, s2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # exactly singular: fewer samples than dimensions
+    a, b = rng.normal(size=(6, 12)), rng.normal(size=(8, 12)) * 2
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    assert evaluate.fd_of_features(a, b) == pytest.approx(scipy_fd(mu1, s1, mu2, s2), rel=1e-4)
+
+
+def test_inception_score_uniform_and_one_hot():
+    k = 10
+    assert evaluate.inception_score(np.zeros((50, k))) == pytest.approx(1.0)
+    one_hot = np.eye(k)[np.arange(60) % k]
+    assert evaluate.inception_score(one_hot, probs=True) == pytest.approx(k)
+    assert evaluate.inception_score(one_hot * 100.0) == pytest.approx(k, rel=1e-6)  # confident logits
+    assert evaluate.inception_score(np.eye(k)[np.zeros(20, int)], probs=True) == pytest.approx(1.0)  # one class
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(100, 8))
+    assert evaluate.precision_recall(x, x.copy(), k=3) == (1.0, 1.0)
+    assert evaluate.precision_recall(x, x + 1000.0, k=3) == (0.0, 0.0)
+    # fakes covering only part of the real manifold: high precision, lower recall
+    p, r = evaluate.precision_recall(x, x[x[:, 0] > 0.5] * 0.5 + np.array([0.5] + [0] * 7) * 0.5, k=3)
+    assert p > 0.9 and r < 0.6
+
+
+def test_bad_features_and_target(capsys):
+    for argv in (["eval", "demo:tiny-dit", "--features", "bogus"], ["eval", "demo:tiny-dit", "--features", "inception:/no/such.pth"],
+                 ["eval", "/no/such/artifact"], ["eval", "demo:tiny-dit", "--samples", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("graftc: error: ") and err.count("\n") == 1, err
+
+
+def test_inception_not_available_yet(tmp_path, capsys):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    assert main(["eval", "demo:tiny-dit", "--features", f"inception:{weights}"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_eval_demo(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "demo:tiny-dit", "--samples", "50", "--steps", "5", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FD (lower is better)" in printed and "teacher" in printed
+    result = json.loads(out.read_text())
+    teacher = result["models"]["teacher"]
+    assert list(result["models"]) == ["teacher"] and "agreement" not in result
+    assert 0 < teacher["fd"] < 200 and teacher["sfid"] > 0
+    assert 1 <= teacher["is"] <= 10 and 0 <= teacher["precision"] <= 1 and 0 <= teacher["recall"] <= 1
+    assert teacher["params"] == 1868036 and teacher["flops"] > 1e7 and result["latency"]["teacher_ms"] > 0
+
+
+def test_eval_artifact(tmp_path, capsys):
+    art = tmp_path / "graft"
+    assert main(["compile", "demo:tiny-dit", str(EXAMPLES / "attn50-mlp100.yaml"), "-o", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(art), "--samples", "40", "--steps", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["teacher"] == "demo:tiny-dit"
+    teacher, graft = result["models"]["teacher"], result["models"]["graft"]
+    assert teacher["fd"] > 0 and graft["fd"] > 0 and "is" in graft and "precision" in graft
+    assert graft["params"] < teacher["params"] and graft["flops"] < teacher["flops"]
+    agree = result["agreement"]
+    assert agree["inputs"] > 0 and agree["mse"] > 0 and -1 <= agree["cosine"] < 1
+    speed = result["latency"]
+    assert speed["teacher_ms"] > 0 and speed["graft_ms"] > 0 and speed["speedup"] > 0
+    # a student evaluated against itself as teacher agrees exactly
+    assert main(["eval", "demo:tiny-dit", "--teacher", "demo:tiny-dit", "--samples", "8", "--steps", "2", "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)["agreement"]
+    assert same["mse"] == 0 and same["cosine"] == pytest.approx(1.0)
+
+
+class _Pixels(evaluate.FeatureExtractor):
+    """A stand-in extractor: raw pixels as features, no spatial features or logits."""
+
+    name = "pixels"
+    image_shape = (1, 8, 8)
+
+    def features(self, images):
+        return images.double().flatten(1).numpy()
+
+    def reference(self):
+        from graftc.models.demo import load_digits_tensor
+
+        return {"features": self.features(load_digits_tensor()[0])}
+
+
+def test_pluggable_extractor():
+    from graftc.models.demo import load_demo_dit
+
+    out = evaluate.sample_quality(load_demo_dit(), _Pixels(), n=20, steps=3, cfg=1.0, seed=0)
+    assert set(out) == {"fd", "precision", "recall"} and out["fd"] > 0
