@@ -372,7 +372,7 @@ def cached_locality(loaded, data, seed: int):
         if path.is_file():
             return json.loads(path.read_text())
         task = make_task(loaded, data.model_copy(update={"fd_samples": 0}), seed)
-        task.prepare(model)
+        task.prepare(model, lambda *_: None)
         result = locality_ranking(model, task, regions, n_batches=4, batch_size=8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

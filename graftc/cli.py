@@ -86,6 +86,43 @@ def _print_quality(quality: dict, speed: dict) -> None:
           f"per forward ({speed['speedup']:.2f}x)")
 
 
+def _sweep(args) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from graftc import sweep
+    from graftc.artifact import check_out_dir
+    from graftc.plan import parse_plan
+
+    ops = sweep.parse_list(args.ops, "--ops")
+    ratios = sweep.parse_list(args.ratios, "--ratios", float)
+    strategies = sweep.parse_list(args.strategies, "--strategies")
+    data = {"samples": args.samples, "sampler_steps": args.sampler_steps, "cfg_scale": 1.0, "fd_samples": 0,
+            "cache": args.cache, "text": args.text}
+    for op in ops:  # every candidate is a valid plan before any model is loaded
+        for ratio in ratios:
+            for strategy in strategies:
+                parse_plan(sweep.candidate_plan(op, ratio, strategy, args.steps, args.batch_size, data),
+                           f"sweep candidate {op}/{ratio}/{strategy}")
+    out = Path(args.output)
+    check_out_dir(out, args.force)
+    rows = sweep.sweep(args.model, ops, ratios, strategies, args.steps, args.batch_size, data, args.seed,
+                       log=lambda line: print(line, flush=True))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        front = sweep.write_outputs(rows, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print("Pareto front (fewer FLOPs, lower error): " + ", ".join(r["name"] for r in front))
+    print(f"wrote {out}")
+    return 0
+
+
 def _plan_schema(args) -> int:
     from graftc.plan import json_schema
 
@@ -268,6 +305,21 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     e.add_argument("-o", "--output", help="also write the JSON object to this file")
     e.set_defaults(run=_eval)
+    w = sub.add_parser("sweep", help="short stage 1 for a grid of candidate plans; Pareto front of error vs FLOPs")
+    w.add_argument("model", help="MODEL spec (see inspect)")
+    w.add_argument("-o", "--output", required=True, help="folder to create: sweep.json, pareto.png, report.md, plans/")
+    w.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    w.add_argument("--ops", default="hyena_x,hyena_y,swa,linear", help="attention replacements, comma-separated")
+    w.add_argument("--ratios", default="0.25,0.5", help="shares of attention layers, comma-separated")
+    w.add_argument("--strategies", default="interleaved,local-first", help="layer choices, comma-separated")
+    w.add_argument("--steps", type=int, default=150, help="stage-1 steps per candidate")
+    w.add_argument("--batch-size", type=int, default=32, help="stage-1 batch size")
+    w.add_argument("--samples", type=int, default=256, help="diffusion models: teacher samples (cached, shared)")
+    w.add_argument("--sampler-steps", type=int, default=25, help="diffusion models: sampler steps per sample")
+    w.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files")
+    w.add_argument("--cache", help="data cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
+    w.add_argument("--seed", type=int, default=0, help="seed")
+    w.set_defaults(run=_sweep)
     sch = sub.add_parser("plan-schema", help="print the plan's JSON Schema")
     sch.set_defaults(run=_plan_schema)
     return p
