@@ -240,6 +240,33 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
 
 
 @torch.no_grad()
+def perplexity(model, loaded, text: str, seed: int, cache: Optional[str] = None, batch_size: int = 8) -> Optional[float]:
+    """exp(mean next-token cross-entropy) over the held-out blocks of `text`; None for models that are not
+    causal language models."""
+    import math
+
+    from graftc.distill.data import make_task
+    from graftc.plan import parse_plan
+
+    with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
+        data = parse_plan({"version": 1}).data.model_copy(update={"text": text, "fd_samples": 0, "cache": cache or tmp})
+        task = make_task(loaded, data, seed)
+        if task.own_objective != "lm":
+            return None
+        task.prepare(model, log=lambda line: None)
+        batches = task.val_batches(batch_size)
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for b in batches:
+        ids = b.kwargs["input_ids"].to(device)
+        out = task.output(model(**{**b.kwargs, "input_ids": ids}))
+        tokens = ids[:, 1:].numel()
+        total += float(task.own_loss(out, type(b)(b.args, b.kwargs, {"input_ids": ids}))) * tokens
+        count += tokens
+    return math.exp(total / count)
+
+
+@torch.no_grad()
 def cost(model, loaded) -> dict:
     """Parameters and forward FLOPs at the example inputs."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -275,6 +302,11 @@ def evaluate(target: dict, teacher: Optional[dict], loaded, extractor: Optional[
             result["notes"].append(f"sample quality skipped: {why}")
     elif extractor is not None:
         result["notes"].append(f"sample quality skipped: only graftc's DiT is sampled so far (family {loaded.family!r})")
+    if loaded.family == "transformers" and text:
+        for e in entries:
+            ppl = perplexity(e["model"], loaded, text, seed, cache)
+            if ppl is not None:
+                result["models"][e["name"]]["perplexity"] = ppl
     if teacher is not None:
         if loaded.family == "transformers" and not text:
             result["notes"].append("agreement skipped: this language model needs --text")
@@ -307,7 +339,8 @@ def table(result: dict) -> str:
     names = list(result["models"])
     rows = [("", *names)]
     labels = {"params": "params", "flops": "FLOPs (example inputs)", "fd": "FD (lower is better)", "sfid": "sFID",
-              "is": "IS", "precision": "precision (k=3)", "recall": "recall (k=3)"}
+              "is": "IS", "precision": "precision (k=3)", "recall": "recall (k=3)",
+              "perplexity": "perplexity (held-out text)"}
     for key, label in labels.items():
         if any(key in result["models"][n] for n in names):
             rows.append((label, *(_fmt(result["models"][n].get(key)) for n in names)))

@@ -141,3 +141,26 @@ def test_pluggable_extractor():
 
     out = evaluate.sample_quality(load_demo_dit(), _Pixels(), n=20, steps=3, cfg=1.0, seed=0)
     assert set(out) == {"fd", "precision", "recall"} and out["fd"] > 0
+
+
+def test_perplexity_of_a_language_model_and_its_graft(tmp_path, capsys):
+    import json as _json
+    import math as _math
+
+    from graftc.cli import main as cli
+    from tests import zoo
+
+    spec = zoo.qwen3(tmp_path / "qwen3")
+    zoo.tiny_t5_tokenizer().save_pretrained(spec)
+    text = tmp_path / "text.txt"
+    text.write_text("the photo of a cat on the red dog in a blue photo " * 80)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\ngraft:\n  - select: {kind: attention, layers: [1]}\n    replace: {op: swa, window: 2}\n")
+    assert cli(["compile", spec, str(plan), "-o", str(tmp_path / "graft")]) == 0
+    capsys.readouterr()
+    assert cli(["eval", str(tmp_path / "graft"), "--text", str(text), "--json", "--samples", "8"]) == 0
+    result = _json.loads(capsys.readouterr().out)
+    ppl = {name: m["perplexity"] for name, m in result["models"].items()}
+    assert len(ppl) == 2 and all(_math.isfinite(v) and v > 1 for v in ppl.values())
+    assert len(set(ppl.values())) == 2  # the graft changed the model
+    assert "agreement" in result
