@@ -56,20 +56,23 @@ def sweep(spec: str, ops, ratios, strategies, steps: int, batch_size: int, data:
     from graftc.spec import load_model
 
     base = load_model(spec, seed=seed)
+    task = None  # the validation inputs every candidate is judged on: made (or read from the cache) once
     rows = []
     with tempfile.TemporaryDirectory(prefix="graftc-sweep-") as work:
         for op in ops:
             for ratio in ratios:
                 for strategy in strategies:
                     name = f"{op}-{int(round(ratio * 100))}-{strategy}"
-                    plan = parse_plan(candidate_plan(op, ratio, strategy, steps, batch_size, data), name)
+                    raw = candidate_plan(op, ratio, strategy, steps, batch_size, data)
+                    plan = parse_plan(raw, name)
                     teacher, student = copy.deepcopy(base.model), copy.deepcopy(base.model)
                     result = graftc.compile(student, plan, base.example,
                                             locality=cached_locality(base, plan.data, seed))
                     outcome = run_distill(teacher, student, result.rewrites, plan, base, Path(work) / name,
                                           False, seed, log=lambda *_: None)
-                    task = make_task(base, plan.data, seed)
-                    task.prepare(teacher, lambda *_: None)
+                    if task is None:
+                        task = make_task(base, plan.data, seed)
+                        task.prepare(teacher, lambda *_: None)
                     speed = compare(teacher, student, base)
                     nodes = outcome.summary["stage1"]
                     row = {"name": name, "op": op, "ratio": ratio, "strategy": strategy,
@@ -79,7 +82,7 @@ def sweep(spec: str, ops, ratios, strategies, steps: int, batch_size: int, data:
                            "gflops": result.reports[-1].flops_after / 1e9,
                            "teacher_gflops": result.reports[0].flops_before / 1e9,
                            "latency_ms": speed["graft_ms"], "teacher_ms": speed["teacher_ms"],
-                           "plan": candidate_plan(op, ratio, strategy, steps, batch_size, data)}
+                           "plan": raw}
                     rows.append(row)
                     log(f"{name}: layers {row['layers']}, output MSE {row['output_mse']:.4g}, "
                         f"stage-1 val {row['stage1_val']:.4g}, {row['gflops']:.4g} GFLOPs, {row['latency_ms']:.2f} ms")

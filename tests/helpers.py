@@ -53,3 +53,20 @@ def save_and_load(result, spec: str, out, **load_kw):
 
 def plan_of(*steps) -> dict:
     return {"version": 1, "graft": [{"select": sel, "replace": rep} for sel, rep in steps]}
+
+
+def zoo_family_fixture(families: list[str]):
+    """A module-scoped fixture over zoo families: (name, spec, loaded model with every layer given signal)."""
+    import pytest
+
+    from graftc.spec import load_model
+    from tests import zoo
+
+    @pytest.fixture(scope="module", params=families)
+    def family(request, tmp_path_factory):
+        spec = zoo.FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+        loaded = load_model(spec)
+        perturb(loaded.model)  # graftc's DiT starts adaLN-Zero: give every layer signal
+        return request.param, spec, loaded
+
+    return family

@@ -11,7 +11,7 @@ import graftc
 from graftc.errors import GraftError
 from graftc.spec import load_model
 from tests import zoo
-from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_and_load
+from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_and_load, zoo_family_fixture
 
 # small sizes keep the tiny zoo models fast; every field is a real plan field
 ATTENTION_OPS = {
@@ -32,12 +32,7 @@ def replace(op_id: str, options: dict) -> dict:
     return {"op": op_id.split("-")[0], **options}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    spec = zoo.FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
-    loaded = load_model(spec)
-    perturb(loaded.model)  # graftc's DiT starts adaLN-Zero: give every layer signal
-    return request.param, spec, loaded
+family = zoo_family_fixture(FAMILIES)
 
 
 def _new_parameters(model) -> dict[str, torch.nn.Parameter]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import textwrap
 import warnings
 
 import pytest
@@ -23,7 +21,7 @@ from graftc.models.dit import DiTBlock, build_dit, example_inputs
 from graftc.passes.parallel import PairedAway, ParallelBlocks, ParallelDiTBlock
 from graftc.spec import load_model
 from tests import zoo
-from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_and_load
+from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_and_load, zoo_family_fixture
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # kernel tests: Triton on the GPU, or interpreted on the CPU (tests/conftest.py)
@@ -36,12 +34,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    spec = zoo.FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
-    loaded = load_model(spec)
-    perturb(loaded.model)  # graftc's DiT starts adaLN-Zero: give every layer signal
-    return request.param, spec, loaded
+family = zoo_family_fixture(FAMILIES)
 
 
 # ---------------------------------------------------------------- regions

@@ -28,6 +28,11 @@ class Batch:
     kwargs: dict
     target: dict = field(default_factory=dict)  # what the model's own loss needs (noise, token ids)
 
+    def to(self, device) -> "Batch":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()},
+                     {k: move(v) for k, v in self.target.items()})
+
     @property
     def size(self) -> int:
         first = next(t for t in (*self.args, *self.kwargs.values()) if isinstance(t, torch.Tensor))

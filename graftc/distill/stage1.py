@@ -159,7 +159,7 @@ class Stage1:
         totals = {id(n): 0.0 for n in nodes}
         count = 0
         for batch in self.val:
-            batch = _to(batch, self.world.device)
+            batch = batch.to(self.world.device)
             for n in nodes:
                 n.pending = 0.0
             self.teacher_pass(batch, nodes, train=False)
@@ -194,8 +194,8 @@ class Stage1:
             active = [n for n in self.nodes if n.status == "running" and step < n.steps]
             if not active:
                 break
-            batch = _to(self.task.batch("stage1", step, self.cfg.batch_size, self.world.rank, self.world.size),
-                        self.world.device)
+            batch = self.task.batch("stage1", step, self.cfg.batch_size, self.world.rank,
+                                    self.world.size).to(self.world.device)
             for n in active:
                 n.pending = 0.0
             self.teacher_pass(batch, active, train=True)
@@ -272,8 +272,3 @@ class Stage1:
             for k, v in meta.items():
                 setattr(n, k, v)
 
-
-def _to(batch: Batch, device) -> Batch:
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return Batch(tuple(move(a) for a in batch.args), {k: move(v) for k, v in batch.kwargs.items()},
-                 {k: move(v) for k, v in batch.target.items()})

@@ -122,15 +122,13 @@ class Stage2:
     def run(self, start: int, checkpoint, scalars, progress: bool = True) -> None:
         from tqdm import tqdm
 
-        from graftc.distill.stage1 import _to
-
         self.student.train()
         bar = tqdm(total=self.cfg.steps, initial=start, desc="stage 2", disable=None if progress and self.world.main else True,
                    dynamic_ncols=True)
         for step in range(start, self.cfg.steps):
             torch.manual_seed(int(generator(self.task.seed, "stage2-rng", step).initial_seed()))  # dropout, resumable
-            batch = _to(self.task.batch("stage2", step, self.cfg.batch_size, self.world.rank, self.world.size),
-                        self.world.device)
+            batch = self.task.batch("stage2", step, self.cfg.batch_size, self.world.rank,
+                                    self.world.size).to(self.world.device)
             loss = self.loss(batch)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
