@@ -214,7 +214,8 @@ def _eval(args) -> int:
     from graftc import artifact, evaluate
     from graftc.spec import load_model
 
-    extractor = evaluate.parse_features(args.features)  # validated before any model is loaded
+    # weights and reference are read and checked here, before any model is loaded
+    extractor = evaluate.parse_features(args.features, reference=args.reference, cache=args.cache, log=note)
     if args.samples < 4:
         raise GraftError(f"--samples: must be at least 4 (got {args.samples})")
     if args.steps < 1:
@@ -299,9 +300,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=25, help="diffusion models: DDIM sampler steps")
     e.add_argument("--cfg", type=float, default=1.0, help="diffusion models: classifier-free guidance scale")
     e.add_argument("--seed", type=int, default=0, help="seed for samples, inputs and random inits")
-    e.add_argument("--features", default="demo", help="feature extractor: demo | inception:PATH (not available yet)")
+    e.add_argument("--features", default="demo", help="feature extractor: demo (the digit network) | inception:PATH "
+                                                       "(Inception-v3 from a local .safetensors/.pth weights file: "
+                                                       "pytorch-fid's FID weights or torchvision's)")
+    e.add_argument("--reference", metavar="REF.npz", help="diffusion models: reference data, an .npz holding mu/sigma "
+                                                         "(FD), mu_s/sigma_s (sFID) and/or uint8 images arr_0 "
+                                                         "[N, H, W, 3] (default: the digits, for the demo's 8x8 images)")
     e.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files (agreement)")
-    e.add_argument("--cache", help="sample cache folder for the agreement inputs (default: a temporary folder)")
+    e.add_argument("--cache", help="cache folder: the agreement inputs (default: a temporary folder) and the digits' "
+                                   "Inception features (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     e.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     e.add_argument("-o", "--output", help="also write the JSON object to this file")
     e.set_defaults(run=_eval)

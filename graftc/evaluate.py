@@ -4,10 +4,14 @@
   with reference data through a pluggable :class:`FeatureExtractor`: the Frechet distance of pooled features
   (FID-style, ``graftc.models.demo.frechet_distance``), the Frechet distance of spatial features (sFID), the
   Inception Score of the extractor's class logits and k-NN precision / recall (Kynkaanniemi et al., 2019).
-  The demo's extractor is ``DigitFeatures`` (the digits dataset is its reference). Inception-v3 features
-  (``inception:PATH``) are not available yet.
+  Extractors: ``demo`` (:class:`DigitExtractor`, the digits dataset is its reference) and ``inception:PATH``
+  (:class:`InceptionExtractor`, graftc's own Inception-v3 in ``graftc.inception`` with a local weights file:
+  FID's pool_3 features, sFID's mixed_6/conv features, IS over its classes). The reference is a ``--reference``
+  .npz in the usual reference-batch layout (``mu``/``sigma``, ``mu_s``/``sigma_s``, images ``arr_0``; see
+  :func:`read_reference`) or, for the demo's 8x8 digits, the digits dataset itself.
 * Agreement (any model): MSE and cosine between teacher and graft outputs on held-out inputs of the model's
-  distillation task (``graftc.distill.data.make_task``).
+  distillation task (``graftc.distill.data.make_task``); for encoders also the cosine of their sentence
+  embeddings (mask-weighted mean of the last hidden state).
 * Cost: parameters, FLOPs at the example inputs (``torch.utils.flop_counter``) and forward latency measured
   side by side with the teacher (``graftc.distill.speed.compare``).
 """
@@ -22,8 +26,9 @@ import torch
 
 from graftc.errors import GraftError
 
-__all__ = ["FeatureExtractor", "DigitExtractor", "parse_features", "fd_of_features", "inception_score",
-           "precision_recall", "sample_quality", "agreement", "cost", "evaluate", "table"]
+__all__ = ["FeatureExtractor", "DigitExtractor", "InceptionExtractor", "read_reference", "parse_features",
+           "fd_of_features", "inception_score", "precision_recall", "sample_quality", "agreement",
+           "sentence_embedding", "cost", "evaluate", "table"]
 
 
 # ------------------------------------------------------------------ feature extractors
@@ -35,11 +40,15 @@ class FeatureExtractor:
     ``features(images) -> [N, D]`` pooled features (FD), ``spatial(images) -> [N, D']`` spatial features (sFID)
     or None, ``logits(images) -> [N, K]`` class logits (IS) or None; ``reference()`` returns a dict with the
     reference data's ``features`` [M, D] (and ``spatial`` [M, D'] where the extractor has them), or with
-    ``mu``/``sigma`` only when the reference data are not at hand. ``image_shape`` is (C, H, W) of the images
-    it takes, with values in [-1, 1]."""
+    ``mu``/``sigma`` (and ``mu_s``/``sigma_s``) only when the reference data are not at hand. ``image_shape``
+    is (C, H, W) of the images it takes, with values in [-1, 1]; ``feature_dim``/``spatial_dim`` are D and D'
+    where known. ``use_reference(path)`` swaps the built-in reference for an .npz (:func:`read_reference`)."""
 
     name = "features"
     image_shape: tuple = ()
+    feature_dim: Optional[int] = None
+    spatial_dim: Optional[int] = None
+    reference_file: Optional[str] = None
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -61,6 +70,27 @@ class FeatureExtractor:
             return f"samples {shape} do not fit the {self.name} features (images {tuple(self.image_shape)})"
         return None
 
+    def use_reference(self, path) -> None:
+        """Read (and check) a reference .npz now, so that a bad file fails before any model is loaded."""
+        self._file = read_reference(path, self)
+        self.reference_file = str(path)
+
+    def _reference_from_file(self, chunk: int = 500) -> dict:
+        """The file's statistics, plus the features of its images where it has some (in chunks: the images
+        stay uint8 in memory until their turn)."""
+        ref = {k: v for k, v in self._file.items() if k != "images"}
+        images = self._file.get("images")
+        if images is not None:
+            feats, spatial = [], []
+            for i in range(0, len(images), chunk):
+                x = torch.from_numpy(images[i:i + chunk]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                feats.append(self.features(x))
+                spatial.append(self.spatial(x))
+            ref["features"] = np.concatenate(feats)
+            if spatial[0] is not None:
+                ref["spatial"] = np.concatenate(spatial)
+        return ref
+
 
 class DigitExtractor(FeatureExtractor):
     """The demo's digit classifier: 64-d penultimate features, its 64x4x4 second conv map (post-GELU,
@@ -69,6 +99,7 @@ class DigitExtractor(FeatureExtractor):
 
     name = "demo"
     image_shape = (1, 8, 8)
+    feature_dim, spatial_dim = 64, 1024
 
     def __init__(self, batch_size: int = 1024):
         from graftc.models.demo import load_feature_net
@@ -99,6 +130,8 @@ class DigitExtractor(FeatureExtractor):
         return self._run(images, self.net)
 
     def reference(self) -> dict:
+        if self._ref is None and self.reference_file:
+            self._ref = self._reference_from_file()
         if self._ref is None:
             try:
                 from graftc.models.demo import load_digits_tensor
@@ -113,19 +146,186 @@ class DigitExtractor(FeatureExtractor):
         return self._ref
 
 
-def parse_features(spec: str) -> FeatureExtractor:
-    """``demo`` or ``inception:PATH``; a one-line GraftError for anything else."""
+class InceptionExtractor(FeatureExtractor):
+    """Inception-v3 (``graftc.inception``) from a local weights file: pool_3 features [N, 2048] (FD), the 7
+    mixed_6/conv channels [N, 2023] (sFID), the classifier's logits (IS, softmax over all of its 1008 or 1000
+    classes). Images of any size with 1 or 3 channels; features, spatial features and logits come from one
+    forward pass in batches of ``batch_size``, on the GPU where there is one.
+
+    The reference is the ``--reference`` .npz, or, for the demo's 8x8 digit images, the 1797 digits themselves.
+    Those cost about 10 TFLOPs at 299x299 (minutes on a CPU core, seconds on a GPU), so their features are
+    computed once per weights file and cached in ``<cache>/inception/digits-<weights sha256>.npz``."""
+
+    name = "inception"
+    feature_dim, spatial_dim = 2048, 2023
+
+    def __init__(self, path, cache: Optional[str] = None, batch_size: int = 50, device=None,
+                 log=lambda line: None):
+        from graftc.inception import load_inception
+
+        self.path = Path(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = load_inception(self.path).to(self.device)
+        self.cache, self.batch_size, self.log = cache, batch_size, log
+        self._last = None  # (images, outputs) of the last call: features/spatial/logits share one pass
+        self._ref = None
+
+    @torch.no_grad()
+    def _outputs(self, images: torch.Tensor) -> dict:
+        if self._last is not None and self._last[0] is images:
+            return self._last[1]
+        x = torch.as_tensor(images)
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise GraftError(f"inception features: expected images [N, 1 or 3, H, W], got {tuple(x.shape)}")
+        parts = {"pool": [], "spatial": [], "logits": []}
+        cudnn = torch.backends.cudnn
+        # true float32 convolutions on a GPU too: cuDNN's default TF32 would move the features by ~1e-3
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            for i in range(0, x.shape[0], self.batch_size):
+                out = self.net(x[i:i + self.batch_size].float().clamp(-1, 1).to(self.device))
+                for key, value in parts.items():
+                    value.append(out[key].double().cpu())
+        result = {k: torch.cat(v).numpy() for k, v in parts.items()}
+        if not all(np.isfinite(v).all() for v in result.values()):
+            raise GraftError("inception features: the images give non-finite features (are there NaNs in them?)")
+        self._last = (images, result)
+        return result
+
+    def features(self, images):
+        return self._outputs(images)["pool"]
+
+    def spatial(self, images):
+        return self._outputs(images)["spatial"]
+
+    def logits(self, images):
+        return self._outputs(images)["logits"]
+
+    def fits(self, model) -> Optional[str]:
+        c, size = int(getattr(model, "in_channels", -1)), int(getattr(model, "input_size", -1))
+        if c not in (1, 3):
+            return (f"the model's samples have {c} channels: Inception-v3 scores 1- or 3-channel images, and a "
+                    "latent model's samples need a VAE to decode them first")
+        if self.reference_file is None and (c, size, size) != DigitExtractor.image_shape:
+            return f"no reference data for {c}x{size}x{size} images: give --reference REF.npz"
+        return None
+
+    def reference(self) -> dict:
+        if self._ref is None:
+            self._ref = self._reference_from_file() if self.reference_file else self._digits_reference()
+        return self._ref
+
+    def _digits_reference(self) -> dict:
+        import hashlib
+        import os
+
+        from graftc.distill.data import cache_root
+        from graftc.models.demo import load_digits_tensor
+
+        sha = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        file = cache_root(self.cache) / "inception" / f"digits-{sha.hexdigest()[:16]}.npz"
+        if file.is_file():
+            try:
+                with np.load(file, allow_pickle=False) as z:
+                    return {"features": z["features"].astype(np.float64), "spatial": z["spatial"].astype(np.float64)}
+            except Exception:  # a damaged cache file is simply recomputed
+                pass
+        images, _ = load_digits_tensor()
+        self.log(f"eval: Inception features of the {len(images)} reference digits (once per weights file, "
+                 f"cached in {file})")
+        out = self._outputs(images)
+        ref = {"features": out["pool"], "spatial": out["spatial"]}
+        # float32 on disk: the network computes in float32, so nothing is lost and a cached run equals a fresh one
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, features=ref["features"].astype(np.float32), spatial=ref["spatial"].astype(np.float32))
+        os.replace(tmp, file)
+        return ref
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+
+
+def read_reference(path, extractor: Optional[FeatureExtractor] = None) -> dict:
+    """A reference .npz in the usual reference-batch layout (guided-diffusion's evaluator and its followers),
+    read with ``allow_pickle=False``: ``mu`` [D] and ``sigma`` [D, D] for FD, optionally ``mu_s``/``sigma_s``
+    for sFID, and/or ``arr_0``: uint8 images [N, H, W, 3] (or [N, H, W] / [N, H, W, 1]).
+
+    Returns the statistics it holds (float64) and its images under ``images`` (uint8 [N, H, W, C]). Where the
+    file has images, the reference's features come from them (so precision/recall work too, and FD/sFID compare
+    one network's features on both sides); its ``mu``/``sigma`` (``mu_s``/``sigma_s``) serve when it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise GraftError(f"--reference: file not found: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise GraftError(f"--reference {path}: cannot read it as an .npz archive ({_one_line(exc)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise GraftError(f"--reference {path}: a single array; expected an .npz archive (np.savez) holding "
+                         "mu/sigma, mu_s/sigma_s and/or images arr_0")
+    with archive:
+        try:
+            arrays = {k: archive[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "arr_0") if k in archive.files}
+        except Exception as exc:  # object arrays (pickles) are refused; a damaged member fails to read
+            raise GraftError(f"--reference {path}: cannot read its arrays ({_one_line(exc)})") from None
+        keys = sorted(archive.files)
+    ref = {}
+    dims = getattr(extractor, "feature_dim", None), getattr(extractor, "spatial_dim", None)
+    for mu_key, sigma_key, dim, what in (("mu", "sigma", dims[0], "features"),
+                                         ("mu_s", "sigma_s", dims[1], "spatial features")):
+        if (mu_key in arrays) != (sigma_key in arrays):
+            have, lack = (mu_key, sigma_key) if mu_key in arrays else (sigma_key, mu_key)
+            raise GraftError(f"--reference {path}: has {have} but not {lack}")
+        if mu_key not in arrays:
+            continue
+        mu, sigma = arrays[mu_key], arrays[sigma_key]
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.dtype.kind not in "fiu" \
+                or sigma.dtype.kind not in "fiu":
+            raise GraftError(f"--reference {path}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape} are not a "
+                             "numeric mean [D] and covariance [D, D]")
+        if dim is not None and mu.shape[0] != dim:
+            raise GraftError(f"--reference {path}: {mu_key} has {mu.shape[0]} dims, but the {extractor.name} "
+                             f"{what} have {dim}")
+        mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise GraftError(f"--reference {path}: {mu_key}/{sigma_key} contain NaN or inf")
+        ref[mu_key], ref[sigma_key] = mu, sigma
+    if "arr_0" in arrays:
+        images = arrays["arr_0"]
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
+            raise GraftError(f"--reference {path}: arr_0 is {images.dtype} {arrays['arr_0'].shape}; expected at least "
+                             "2 uint8 images [N, H, W, 3] (or [N, H, W] / [N, H, W, 1])")
+        ref["images"] = images
+    if "mu" not in ref and "images" not in ref:
+        raise GraftError(f"--reference {path}: holds neither mu/sigma nor images arr_0 "
+                         f"(keys: {', '.join(keys) or 'none'})")
+    return ref
+
+
+def parse_features(spec: str, reference=None, cache: Optional[str] = None, log=lambda line: None) -> FeatureExtractor:
+    """``demo`` or ``inception:PATH`` (its weights load here, so a bad file fails before any model is loaded),
+    with an optional reference .npz; a one-line GraftError for anything else."""
     if spec == "demo":
-        return DigitExtractor()
-    head, _, path = spec.partition(":")
-    if head == "inception":
+        extractor = DigitExtractor()
+    else:
+        head, _, path = spec.partition(":")
+        if head != "inception":
+            raise GraftError(f"--features: unknown feature extractor {spec!r} (use demo or inception:PATH)")
         if not path:
             raise GraftError("--features inception:PATH: give the path of an Inception-v3 weights file")
         if not Path(path).is_file():
             raise GraftError(f"--features inception:PATH: file not found: {path}")
-        raise GraftError("--features inception:PATH: Inception-v3 features are not available yet "
-                         "(graftc has no own Inception-v3 definition); use --features demo")
-    raise GraftError(f"--features: unknown feature extractor {spec!r} (use demo or inception:PATH)")
+        extractor = InceptionExtractor(path, cache=cache, log=log)
+    if reference is not None:
+        extractor.use_reference(reference)
+    return extractor
 
 
 # ------------------------------------------------------------------ metrics
@@ -142,8 +342,27 @@ def fd_of_features(a: np.ndarray, b) -> float:
     """Frechet distance between the Gaussians fitted to features ``a`` [N, D] and ``b`` ([M, D] or (mu, sigma))."""
     from graftc.models.demo import frechet_distance
 
+    if not isinstance(b, tuple):
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.ndim == b64.ndim == 2 and a64.shape[1] == b64.shape[1] and min(len(a64), len(b64)) >= 2 \
+                and len(a64) * len(b64) < a64.shape[1] ** 2:
+            return _fd_low_rank(a64, b64)
     mu_b, sigma_b = b if isinstance(b, tuple) else _stats(b)
     return frechet_distance(*_stats(a), mu_b, sigma_b)
+
+
+def _fd_low_rank(a: np.ndarray, b: np.ndarray) -> float:
+    """The same distance for few rows in many dimensions (e.g. tens of samples of 2048-d Inception features),
+    without a D x D matrix: with S_a = A^T A and S_b = B^T B (A, B the centred rows over sqrt(N - 1)), the
+    nonzero eigenvalues of S_a S_b are those of (A B^T)(A B^T)^T, so Tr (S_a S_b)^(1/2) is the sum of the
+    singular values of the N x M matrix A B^T. Exact, and O(N M D) instead of O(D^3)."""
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    ca, cb = (a - mu_a) / np.sqrt(len(a) - 1), (b - mu_b) / np.sqrt(len(b) - 1)
+    if not (np.isfinite(ca).all() and np.isfinite(cb).all()):
+        raise GraftError("frechet distance: the features contain NaN or inf")
+    tr_covmean = float(np.linalg.svd(ca @ cb.T, compute_uv=False).sum())
+    d = mu_a - mu_b
+    return max(float(d @ d + (ca * ca).sum() + (cb * cb).sum() - 2.0 * tr_covmean), 0.0)
 
 
 def inception_score(logits: np.ndarray, probs: bool = False) -> float:
@@ -199,12 +418,12 @@ def sample_quality(model, extractor: FeatureExtractor, n: int, steps: int, cfg: 
     feats = extractor.features(images)
     out = {"fd": fd_of_features(feats, ref["features"] if "features" in ref else (ref["mu"], ref["sigma"]))}
     spatial = extractor.spatial(images)
-    if spatial is not None and "spatial" in ref:
-        out["sfid"] = fd_of_features(spatial, ref["spatial"])
+    if spatial is not None and ("spatial" in ref or "mu_s" in ref):
+        out["sfid"] = fd_of_features(spatial, ref["spatial"] if "spatial" in ref else (ref["mu_s"], ref["sigma_s"]))
     logits = extractor.logits(images)
     if logits is not None:
         out["is"] = inception_score(logits)
-    if "features" in ref and n > 3:
+    if "features" in ref and min(n, len(ref["features"])) > 3:  # k=3 neighbours need more rows on each side
         out["precision"], out["recall"] = precision_recall(ref["features"], feats, k=3)
     return out
 
@@ -212,31 +431,62 @@ def sample_quality(model, extractor: FeatureExtractor, n: int, steps: int, cfg: 
 @torch.no_grad()
 def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, seed: int,
               text: Optional[str] = None, cache: Optional[str] = None, batch_size: int = 16) -> dict:
-    """Output MSE and mean per-sample cosine of student vs teacher on held-out inputs of the model's task."""
+    """Output MSE and mean per-sample cosine of student vs teacher on held-out inputs of the model's task; for
+    encoders (transformers models that are not causal LMs) also ``embedding_cosine``, the mean cosine of their
+    sentence embeddings (:func:`sentence_embedding`)."""
     from graftc.distill.data import make_task
     from graftc.plan import parse_plan
 
     with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
-        data = parse_plan({"version": 1}).data.model_copy(update={
-            "samples": max(samples, 4), "fd_samples": 0, "sampler_steps": steps, "cfg_scale": cfg,
-            "val_fraction": 0.5, "text": text, "cache": cache or tmp})
-        task = make_task(loaded, data, seed)
+        data = parse_plan({"version": 1}).data
+        update = {"samples": max(samples, 4), "fd_samples": 0, "sampler_steps": steps, "cfg_scale": cfg,
+                  "val_fraction": 0.5, "text": text, "cache": cache or tmp}
+        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and 2 <= positions < data.seq_len:  # a block longer than that cannot be embedded
+            update["seq_len"] = positions
+        task = make_task(loaded, data.model_copy(update=update), seed)
         task.prepare(teacher, log=lambda line: None)
         batches = task.val_batches(batch_size)
+    encoder = loaded.family == "transformers" and task.own_objective != "lm"
     device = next(student.parameters()).device
     move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     sq = n = 0.0
-    cosines = []
+    cosines, embedding_cosines = [], []
     for b in batches:
         args, kwargs = tuple(move(a) for a in b.args), {k: move(v) for k, v in b.kwargs.items()}
-        t = task.output(teacher(*args, **kwargs)).double().flatten(1)
-        s = task.output(student(*args, **kwargs)).double().flatten(1)
+        if encoder:  # models with a head return no last_hidden_state: the last of the hidden states is it
+            kwargs["output_hidden_states"] = True
+        t_out, s_out = teacher(*args, **kwargs), student(*args, **kwargs)
+        t = task.output(t_out).double().flatten(1)
+        s = task.output(s_out).double().flatten(1)
         sq += float(((s - t) ** 2).sum())
         n += t.numel()
         cosines.append(torch.nn.functional.cosine_similarity(s, t, dim=1))
+        if encoder:
+            mask = kwargs.get("attention_mask")  # the text task's blocks carry none: every token is real
+            embedding_cosines.append(torch.nn.functional.cosine_similarity(
+                sentence_embedding(s_out, mask), sentence_embedding(t_out, mask), dim=1))
     cos = torch.cat(cosines)
-    return {"inputs": int(cos.numel()), "task": task.name, "mse": sq / max(n, 1), "cosine": float(cos.mean()),
-            "cosine_min": float(cos.min())}
+    out = {"inputs": int(cos.numel()), "task": task.name, "mse": sq / max(n, 1), "cosine": float(cos.mean()),
+           "cosine_min": float(cos.min())}
+    if embedding_cosines:
+        out["embedding_cosine"] = float(torch.cat(embedding_cosines).mean())
+    return out
+
+
+def sentence_embedding(output, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, H] float64: the attention-mask-weighted mean of an encoder's last hidden state over its tokens (the
+    pooling of sentence-transformers' MiniLM and most of its models)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(output, "hidden_states", None)
+        if not states:
+            raise GraftError("embedding cosine: the encoder's output has neither last_hidden_state nor hidden_states")
+        hidden = states[-1]
+    hidden = hidden.double()
+    mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if attention_mask is None \
+        else attention_mask.to(hidden)
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -292,6 +542,8 @@ def evaluate(target: dict, teacher: Optional[dict], loaded, extractor: Optional[
     result = {"settings": {"samples": samples, "steps": steps, "cfg": cfg, "seed": seed,
                            "features": extractor.name if extractor else None},
               "models": {e["name"]: {"spec": e["spec"], **cost(e["model"], loaded)} for e in entries}, "notes": []}
+    if extractor is not None and extractor.reference_file:
+        result["settings"]["reference"] = extractor.reference_file
     if loaded.family == "dit" and extractor is not None:
         why = extractor.fits(target["model"])
         if why is None:
@@ -354,12 +606,17 @@ def table(result: dict) -> str:
              for r in rows]
     s = result["settings"]
     head = f"eval: {s['samples']} samples, {s['steps']} steps, cfg {s['cfg']}, seed {s['seed']}, features {s['features']}"
+    if s.get("reference"):
+        head += f" (reference {s['reference']})"
     out = [head, *lines]
     if "graft_ms" in speed:
         out.append(f"speedup vs teacher: {speed['speedup']:.2f}x")
     if "agreement" in result:
         a = result["agreement"]
-        out.append(f"agreement with the teacher on {a['inputs']} held-out inputs: output MSE {a['mse']:.4g}, "
-                   f"cosine {a['cosine']:.4f} (min {a['cosine_min']:.4f})")
+        line = (f"agreement with the teacher on {a['inputs']} held-out inputs: output MSE {a['mse']:.4g}, "
+                f"cosine {a['cosine']:.4f} (min {a['cosine_min']:.4f})")
+        if "embedding_cosine" in a:
+            line += f", sentence-embedding cosine {a['embedding_cosine']:.6f}"
+        out.append(line)
     out += [f"note: {n}" for n in result["notes"]]
     return "\n".join(out)

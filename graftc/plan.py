@@ -110,6 +110,8 @@ class Stage2(Strict):
     batch_size: int = Field(8, ge=1, description="samples per step (over all ranks)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     warmup: int = Field(50, ge=0, description="linear warmup steps")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="after warmup: constant (the method's) "
+                                                                          "or cosine decay to 0 at the last step")
     weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(10.0, gt=0, description="clip the gradient norm to this")
     ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights that are saved (0 = no EMA)")
@@ -147,6 +149,10 @@ class Data(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the samples held out for validation")
     cache: str | None = Field(None, description="cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     fd_samples: int = Field(1000, ge=0, description="demo models: samples for the FD quality figures (0 = skip)")
+    images: str | None = Field(None, description="class-conditional diffusion models: train on real data instead of "
+                                                 "teacher samples: a safetensors file with x0 [N, C, H, W] (the "
+                                                 "model's input space, latents already scaled) and y [N] labels; "
+                                                 "'demo:digits' = the demo DiT's own training data")
 
 
 def _op_union():

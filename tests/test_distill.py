@@ -106,6 +106,60 @@ def test_data_cache_is_reused(tmp_path, capsys):
     assert len(shards) == 1 and load_file(str(shards[0]))["x0"].shape == (24, 1, 8, 8)
 
 
+def _task(spec: str, tmp_path: Path, **data):
+    loaded = load_model(spec)
+    cfg = parse_plan({"version": 1, "data": {"fd_samples": 0, "cache": str(tmp_path / "cache"), **data}}).data
+    return loaded, make_task(loaded, cfg, seed=0)
+
+
+def test_real_images_replace_teacher_samples(tmp_path):
+    """data.images: a safetensors file of real (x0, y), checked against the model, shuffled by the seed; the
+    diffusion objective then trains on real data (the demo ships its own: demo:digits)."""
+    from safetensors.torch import save_file
+
+    x0, y = torch.rand(20, 1, 8, 8) * 2 - 1, torch.arange(20) % 10
+    save_file({"x0": x0, "y": y}, str(tmp_path / "real.safetensors"))
+    loaded, task = _task("dit:tiny", tmp_path, images=str(tmp_path / "real.safetensors"), val_fraction=0.25)
+    lines = []
+    task.prepare(loaded.model, lines.append)
+    assert lines == [f"data: 20 real images from {tmp_path / 'real.safetensors'}"]
+    assert not (tmp_path / "cache").exists()  # nothing generated, nothing cached
+    got = task.samples
+    order = [int(torch.nonzero((x0 == row).all(dim=(1, 2, 3)))[0]) for row in got["x0"]]
+    assert sorted(order) == list(range(20)) and order != list(range(20))  # the same images, shuffled
+    assert torch.equal(got["y"], y[order])  # labels follow their images
+    batch = task.batch("stage2", 0, 4)
+    assert batch.args[0].shape == (4, 1, 8, 8) and set(batch.args[2].tolist()) <= set(range(10))
+    assert task.n_val == 5
+
+    digits_loaded, digits = _task("demo:tiny-dit", tmp_path, images="demo:digits")
+    digits.prepare(digits_loaded.model, lambda line: None)
+    assert digits.samples["x0"].shape == (1797, 1, 8, 8) and int(digits.samples["y"].max()) == 9
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"x0": torch.zeros(4, 3, 8, 8), "y": torch.zeros(4, dtype=torch.long)}, "do not fit the model's input [N, 1, 8, 8]"),
+    ({"x0": torch.zeros(4, 1, 8, 8), "y": torch.full((4,), 10)}, "integer labels in [0, 10)"),
+    ({"x0": torch.zeros(4, 1, 8, 8)}, "needs tensors x0 [N, C, H, W] and y [N]"),
+    (None, "not a readable safetensors file"),
+    ("missing", "file not found"),
+], ids=["wrong-shape", "label-out-of-range", "no-labels", "garbage", "missing"])
+def test_real_images_bad_input(tmp_path, capsys, tensors, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "real.safetensors"
+    if tensors is None:
+        path.write_bytes(b"not safetensors")
+    elif tensors != "missing":
+        save_file(tensors, str(path))
+    plan = plan_file(tmp_path, HYENA, {"steps": 1}, images=str(path))
+    out = tmp_path / "out"
+    assert main(["compile", "dit:tiny", str(plan), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.images: {path}" in err and message in err
+    assert not out.exists()
+
+
 def test_non_finite_node_stops_alone(tmp_path):
     """A node whose loss blows up stops with a message and keeps its best weights; the run completes."""
     stage1 = {"steps": 6, "overrides": [{"match": "blocks.3.attn", "lr": 1.0e30}]}

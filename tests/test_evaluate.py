@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from graftc import evaluate
 from graftc.cli import main
@@ -54,6 +55,15 @@ def test_fd_matches_scipy_near_singular():
     assert evaluate.fd_of_features(a, b) == pytest.approx(scipy_fd(mu1, s1, mu2, s2), rel=1e-4)
 
 
+def test_fd_of_few_rows_in_many_dimensions():
+    # fewer rows than dimensions (Inception features of a few samples) take the low-rank route: same distance
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(10, 300)), rng.normal(0.2, 1.3, size=(30, 300)) @ rng.normal(size=(300, 300)) / 17
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    assert evaluate.fd_of_features(a, b) == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-6)
+    assert evaluate.fd_of_features(a, a.copy()) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_inception_score_uniform_and_one_hot():
     k = 10
     assert evaluate.inception_score(np.zeros((50, k))) == pytest.approx(1.0)
@@ -79,13 +89,6 @@ def test_bad_features_and_target(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("graftc: error: ") and err.count("\n") == 1, err
-
-
-def test_inception_not_available_yet(tmp_path, capsys):
-    weights = tmp_path / "inception.pth"
-    weights.write_bytes(b"")
-    assert main(["eval", "demo:tiny-dit", "--features", f"inception:{weights}"]) == 2
-    assert "not available yet" in capsys.readouterr().err
 
 
 def test_eval_demo(tmp_path, capsys):
@@ -143,6 +146,64 @@ def test_pluggable_extractor():
     assert set(out) == {"fd", "precision", "recall"} and out["fd"] > 0
 
 
+class _PixelsWithStats(_Pixels):
+    """Spatial features too, and a reference of statistics only (as an .npz of mu/sigma/mu_s/sigma_s gives)."""
+
+    def spatial(self, images):
+        return images.double()[:, :, ::2, ::2].flatten(1).numpy()
+
+    def reference(self):
+        from graftc.models.demo import load_digits_tensor
+
+        digits = load_digits_tensor()[0]
+        f, s = self.features(digits), self.spatial(digits)
+        return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False),
+                "mu_s": s.mean(0), "sigma_s": np.cov(s, rowvar=False)}
+
+
+def test_statistics_only_reference_gives_fd_and_sfid():
+    from graftc.models.demo import load_demo_dit
+
+    out = evaluate.sample_quality(load_demo_dit(), _PixelsWithStats(), n=20, steps=3, cfg=1.0, seed=0)
+    assert set(out) == {"fd", "sfid"} and out["fd"] > 0 and out["sfid"] > 0  # no reference rows: no precision/recall
+    assert out == evaluate.sample_quality(load_demo_dit(), _PixelsWithStats(), n=20, steps=3, cfg=1.0, seed=0)
+
+
+def test_encoder_embedding_cosine(tmp_path, capsys):
+    import copy
+
+    import graftc
+    from graftc.spec import load_model
+    from tests import zoo
+    from tests.helpers import plan_of
+
+    spec = zoo.bert(tmp_path / "bert")
+    zoo.tiny_t5_tokenizer().save_pretrained(spec)
+    text = tmp_path / "text.txt"
+    text.write_text("the photo of a cat on the red dog in a blue photo " * 40)
+    loaded = load_model(spec)
+
+    def agreement(op: dict) -> dict:
+        graft = graftc.compile(copy.deepcopy(loaded.model), plan_of(({"kind": "attention", "layers": [0]}, op)),
+                               loaded.example).model
+        return evaluate.agreement(loaded.model, graft, loaded, samples=8, steps=1, cfg=1.0, seed=0, text=str(text))
+
+    same = agreement({"op": "self", "init": "copy"})
+    assert same["embedding_cosine"] == pytest.approx(1.0, abs=1e-6) and same["inputs"] > 0
+    other = agreement({"op": "self", "init": "random"})
+    assert other["embedding_cosine"] < 1 - 1e-4
+    # pooling: the attention-mask-weighted mean over the tokens
+    hidden = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    emb = evaluate.sentence_embedding(type("Out", (), {"last_hidden_state": hidden})(), mask)
+    assert torch.allclose(emb[0], hidden[0, :3].double().mean(0)) and torch.allclose(emb[1], hidden[1].double().mean(0))
+    # shown by the table
+    result = {"settings": {"samples": 8, "steps": 1, "cfg": 1.0, "seed": 0, "features": None},
+              "models": {"teacher": {}, "graft": {}}, "notes": [], "agreement": other,
+              "latency": {"where": "cpu", "teacher_ms": 1.0, "graft_ms": 1.0, "speedup": 1.0}}
+    assert "sentence-embedding cosine" in evaluate.table(result)
+
+
 def test_perplexity_of_a_language_model_and_its_graft(tmp_path, capsys):
     import json as _json
     import math as _math
@@ -163,4 +224,4 @@ def test_perplexity_of_a_language_model_and_its_graft(tmp_path, capsys):
     ppl = {name: m["perplexity"] for name, m in result["models"].items()}
     assert len(ppl) == 2 and all(_math.isfinite(v) and v > 1 for v in ppl.values())
     assert len(set(ppl.values())) == 2  # the graft changed the model
-    assert "agreement" in result
+    assert "agreement" in result and "embedding_cosine" not in result["agreement"]  # a causal LM, not an encoder

@@ -166,9 +166,17 @@ class DiffusionTask(Task):
     name = "diffusion"
     own_objective = "diffusion"
 
+    label_key = "y"  # where make() finds a sample's class label
+
     def prepare(self, teacher, log=print) -> None:
         from graftc.spec import weights_hash
 
+        if self.data.images:
+            x0, y = self.real_images(teacher)
+            self.samples = {"x0": x0, self.label_key: y}
+            log(f"data: {len(y)} real images from {self.data.images}")
+            self._split()
+            return
         n = self.data.samples
         key = {"model": weights_hash(teacher), "family": self.name, "samples": n,
                "sampler_steps": self.data.sampler_steps, "cfg_scale": self.data.cfg_scale, "seed": self.seed,
@@ -194,6 +202,47 @@ class DiffusionTask(Task):
     def generate(self, teacher, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def image_spec(self, teacher) -> tuple[tuple[int, int, int], int | None]:
+        """(C, H, W) of the model's input and its number of classes (None: not class-conditional)."""
+        raise NotImplementedError
+
+    def real_images(self, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+        """`data.images`, checked against the model and shuffled by the seed (so the held-out share mixes classes)."""
+        source = self.data.images
+        shape, classes = self.image_spec(teacher)
+        where = f"data.images: {source}"
+        if classes is None:
+            raise GraftError(f"{where}: real images need a class-conditional model (this one is not; "
+                             "leave data.images out to train on teacher samples)")
+        if source == "demo:digits":
+            from graftc.models.demo import load_digits_tensor
+
+            x0, y = load_digits_tensor()
+        elif source.startswith("demo:"):
+            raise GraftError(f"{where}: unknown built-in data set (known: demo:digits)")
+        else:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            if not Path(source).is_file():
+                raise GraftError(f"{where}: file not found")
+            try:
+                tensors = load_file(source)
+            except (SafetensorError, OSError) as e:
+                raise GraftError(f"{where}: not a readable safetensors file ({e})") from None
+            if set(tensors) < {"x0", "y"}:
+                raise GraftError(f"{where}: needs tensors x0 [N, C, H, W] and y [N] (has {sorted(tensors)})")
+            x0, y = tensors["x0"].float(), tensors["y"]
+        if x0.dim() != 4 or tuple(x0.shape[1:]) != tuple(shape) or y.shape != (x0.shape[0],):
+            raise GraftError(f"{where}: x0 {tuple(x0.shape)} and y {tuple(y.shape)} do not fit the model's input "
+                             f"[N, {', '.join(map(str, shape))}] with one label per image")
+        if y.is_floating_point() or len(y) < 2 or int(y.min()) < 0 or int(y.max()) >= classes:
+            raise GraftError(f"{where}: y must hold at least 2 integer labels in [0, {classes})")
+        if not torch.isfinite(x0).all():
+            raise GraftError(f"{where}: x0 has non-finite values")
+        order = torch.randperm(len(y), generator=generator(self.seed, "images"))
+        return x0[order].contiguous(), y[order].long()
+
     def own_loss(self, output, batch):
         noise = batch.target["noise"]
         return F.mse_loss(output[:, : noise.shape[1]].float(), noise.float())
@@ -209,6 +258,9 @@ class DiTTask(DiffusionTask):
 
         super().__init__(loaded, data, seed)
         self.diffusion = Diffusion()
+
+    def image_spec(self, teacher):
+        return (teacher.in_channels, teacher.input_size, teacher.input_size), teacher.num_classes
 
     def generate(self, teacher, rows):
         from graftc.diffusion import sample_dit
@@ -276,8 +328,13 @@ class DiffusersTask(DiffusionTask):
                 return cls.from_config(config)
         return diffusers.DDIMScheduler()
 
+    label_key = "rows"  # _condition takes the class label as rows % classes
+
     def key_extra(self):
         return {"scheduler": dict(self.scheduler.config), "prompts": self.data.prompt_embeds}
+
+    def image_spec(self, teacher):
+        return (self.channels, self.size, self.size), (None if self.text else self.classes)
 
     def _condition(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         cond = {}

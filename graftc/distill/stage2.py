@@ -2,7 +2,7 @@
 
 Objectives: `distill` (match the frozen teacher's outputs; KL over next-token distributions for language
 models), the model's own loss (`diffusion`: noise prediction; `lm`: next token), or a weighted sum. AdamW with
-linear warmup then a constant rate, gradient clipping, an EMA of the weights (the EMA is what is saved), bf16
+linear warmup then a constant rate (the method's) or a cosine decay, gradient clipping, an EMA of the weights (the EMA is what is saved), bf16
 autocast on CUDA. Full fine-tuning, or LoRA: low-rank updates of the Linears outside the rewritten nodes
 (the new operators train fully), merged back into the Linears at the end so the artifact keeps the model's
 own structure. Under torchrun the model is wrapped in DistributedDataParallel and each rank takes its slice of
@@ -103,7 +103,13 @@ class Stage2:
         self.autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup) if self.cfg.warmup else self.cfg.lr
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        if cfg.schedule == "cosine":  # from the peak after warmup down to 0 at the last step
+            progress = (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup)
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.lr
 
     def loss(self, batch) -> torch.Tensor:
         with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast):
