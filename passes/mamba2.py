@@ -41,6 +41,8 @@ class Mamba2Mixer(torch.nn.Module):
         self.out_proj = linear(self.inner, out_width, has_bias=False, **like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._inference(x)
         batch, length = x.shape[0], x.shape[-2]
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
         xbc = F.silu(causal_conv1d(xbc, self.conv_weight, self.conv_bias))
@@ -52,8 +54,37 @@ class Mamba2Mixer(torch.nn.Module):
         y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(y.dtype) * self.norm_weight
         return self.out_proj(y)
 
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """forward without autograd: the same maths with fewer passes over memory. The conv runs as shifted
+        multiply-adds in token-major order (F.conv1d wants channel-major: a transposed copy in, and a
+        channel-major output that every later step would read across the grain), and the gating and norm
+        work in place on tensors this call owns."""
+        batch, length = x.shape[0], x.shape[-2]
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
+        xbc = _causal_conv_silu(xbc, self.conv_weight, self.conv_bias)
+        xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], -1)
+        y = ssd(xs.reshape(batch, length, self.heads, self.head_dim), F.softplus(dt + self.dt_bias),
+                -torch.exp(self.A_log.float()), b.reshape(batch, length, self.groups, self.d_state),
+                c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk)
+        y = y.reshape(batch, length, self.inner).to(x.dtype)
+        y = y.mul_(F.silu(z, inplace=True))  # z is a view of this call's own in_proj output
+        scale = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=torch.float32)
+        scale = torch.rsqrt(scale.square_().div_(self.inner).add_(1e-5)).to(y.dtype)
+        return self.out_proj(y.mul_(scale).mul_(self.norm_weight))
+
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, d_state={self.d_state}, groups={self.groups}"
+
+
+def _causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(causal_conv1d(x, weight, bias)) for channel-last x [B, L, C], computed and returned token-major."""
+    taps, length = weight.shape[1], x.shape[1]
+    out = torch.addcmul(bias, x, weight[:, -1])
+    for j in range(taps - 1):  # tap j reads `shift` steps back
+        shift = taps - 1 - j
+        if shift < length:
+            out[:, shift:].addcmul_(x[:, :length - shift], weight[:, j])
+    return F.silu(out, inplace=True)
 
 
 class Mamba2Config(MixerConfig):

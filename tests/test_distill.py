@@ -357,3 +357,19 @@ def test_every_example_plan_is_valid():
     assert len(plans) >= 10
     for path in plans:
         load_plan(path)  # raises on any problem
+
+
+def test_stage2_schedules():
+    """Linear warmup, then constant (the method's) or a cosine decay reaching 0 at the last step."""
+    from types import SimpleNamespace
+
+    from graftc.distill.stage2 import Stage2
+
+    def lrs(**fields):
+        cfg = parse_plan({"version": 1, "distill": {"stage2": {"steps": 11, "lr": 1.0, "warmup": 2, **fields}}}).distill.stage2
+        return [Stage2.lr_at(SimpleNamespace(cfg=cfg), step) for step in range(11)]
+
+    assert lrs() == [0.5, 1.0] + [1.0] * 9
+    cosine = lrs(schedule="cosine")
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert cosine[6] == pytest.approx(0.5) and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
