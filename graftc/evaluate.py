@@ -428,6 +428,17 @@ def sample_quality(model, extractor: FeatureExtractor, n: int, steps: int, cfg: 
     return out
 
 
+def _eval_data(loaded, **update):
+    """The plan's default data settings with `update`, text blocks no longer than the model can embed."""
+    from graftc.plan import parse_plan
+
+    data = parse_plan({"version": 1}).data
+    positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and 2 <= positions < data.seq_len:
+        update["seq_len"] = positions
+    return data.model_copy(update={"fd_samples": 0, **update})
+
+
 @torch.no_grad()
 def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, seed: int,
               text: Optional[str] = None, cache: Optional[str] = None, batch_size: int = 16) -> dict:
@@ -435,16 +446,11 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
     encoders (transformers models that are not causal LMs) also ``embedding_cosine``, the mean cosine of their
     sentence embeddings (:func:`sentence_embedding`)."""
     from graftc.distill.data import make_task
-    from graftc.plan import parse_plan
 
     with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
-        data = parse_plan({"version": 1}).data
-        update = {"samples": max(samples, 4), "fd_samples": 0, "sampler_steps": steps, "cfg_scale": cfg,
-                  "val_fraction": 0.5, "text": text, "cache": cache or tmp}
-        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
-        if isinstance(positions, int) and 2 <= positions < data.seq_len:  # a block longer than that cannot be embedded
-            update["seq_len"] = positions
-        task = make_task(loaded, data.model_copy(update=update), seed)
+        data = _eval_data(loaded, samples=max(samples, 4), sampler_steps=steps, cfg_scale=cfg, val_fraction=0.5,
+                          text=text, cache=cache or tmp)
+        task = make_task(loaded, data, seed)
         task.prepare(teacher, log=lambda line: None)
         batches = task.val_batches(batch_size)
     encoder = loaded.family == "transformers" and task.own_objective != "lm"
@@ -496,11 +502,9 @@ def perplexity(model, loaded, text: str, seed: int, cache: Optional[str] = None,
     import math
 
     from graftc.distill.data import make_task
-    from graftc.plan import parse_plan
 
     with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
-        data = parse_plan({"version": 1}).data.model_copy(update={"text": text, "fd_samples": 0, "cache": cache or tmp})
-        task = make_task(loaded, data, seed)
+        task = make_task(loaded, _eval_data(loaded, text=text, cache=cache or tmp), seed)
         if task.own_objective != "lm":
             return None
         task.prepare(model, log=lambda line: None)

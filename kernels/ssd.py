@@ -144,19 +144,24 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 #
 # Inside a chunk, exp(c_i - c_j) = exp(c_i - r) * exp(r - c_j) for any reference r (c = inclusive cumsum of
 # a = dt * A within the chunk). Scaling the inputs by exp(r - c_j) and the outputs by exp(c_i - r) turns the
-# per-head decay mask into two diagonal scalings, so every head of a group shares one masked C.B^T, and a
-# chunk's within-chunk product, state contribution and carried-state read are one GEMM each over all the
-# group's heads at once ([Q, Q] @ [Q, r*P], [N, Q] @ [Q, r*P], [Q, N] @ [N, r*P]): no [heads, Q, Q] tensor.
-# r = c_last / 2 keeps both factors within exp(+-|c_last| / 2). A (chunk, head) that decays by more than
-# _RANK_ONE_RANGE e-folds over the chunk would push them towards fp32's limits, so it takes the segment-sum
-# form instead, on that subset only. The cumsums and exponents are computed in float64: they are [L, H]
-# scalars (1/P of the activations), and the wider type keeps c_i - r exact to fp32 precision at any size.
-# The sequence is processed in segments of about _SEGMENT_TOKENS tokens, so every temporary is a few MB:
-# it stays in cache, and the allocator reuses it instead of mapping fresh pages (first-touch page faults
-# cost as much as the arithmetic on this kind of machine).
+# per-head decay mask into two diagonal scalings, so all heads of a group share one masked C.B^T, and a
+# chunk's within-chunk product, its state contribution and its read of the carried state are one GEMM each
+# over all the group's heads ([Q, Q] @ [Q, r*P], [r*P, Q] @ [Q, N], [Q, N] @ [N, r*P]): no [heads, Q, Q]
+# tensor is ever formed. r = c_last / 2 keeps both factors within exp(+-|c_last| / 2); a (chunk, head) that
+# decays by more than _RANK_ONE_RANGE e-folds over the chunk would push them towards fp32's limits, so it
+# takes the segment-sum form instead, on that subset only. The cumsums and exponents are computed in
+# float64: they are [L, H] scalars (1/P of the activations), and the wider type keeps c_i - r exact to fp32
+# precision however large c grows.
+# Across chunks the states are not scanned one chunk at a time (two small ops per chunk) but mixed by one
+# batched GEMM per segment: per head, a lower-triangular [n+1, n+1] matrix of chunk-to-chunk decays
+# (products of per-chunk factors, from float64 cumsums) times the [n+1, P*N] stack of entering state and
+# chunk contributions. The sequence is processed in segments of about _SEGMENT_TOKENS tokens, so every
+# temporary is a few MB: it stays in cache, and the allocator reuses it instead of mapping fresh pages
+# (first-touch page faults cost as much as the arithmetic here). Few, large ops also matter on a shared
+# machine: each parallel op can wait for a descheduled worker thread.
 
 _RANK_ONE_RANGE = 100.0  # factors up to exp(50): far from fp32's exp(+-87), no product over- or underflows
-_SEGMENT_TOKENS = 512
+_SEGMENT_TOKENS = 1024
 
 
 def ssd_fast(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk: int = 64,
@@ -183,23 +188,25 @@ def ssd_fast(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
     wild = last < -_RANK_ONE_RANGE
     ref = torch.where(wild, torch.zeros_like(last), 0.5 * last)
     ref_next = F.pad(ref[:, 1:], (0, 0, 0, 1))  # 0 after the last chunk: the final state is unscaled
+    inward = torch.exp(ref[:, :, None] - cum)  # exp(ref - c_j); may overflow for the wild pairs (zeroed below)
     scalars = _Scalars(
-        dt=dt_c, cum=cum, wild=wild, ref_next=ref_next,
+        dt=dt_c, cum=cum, wild=wild if bool(wild.any()) else None, ref_next=ref_next,
         # inputs times dt_j exp(ref - c_j) (0 for the segment-sum pairs), chunk-major [c, b, g, i, r, 1]
-        scale_in=_grouped(dt_c * torch.exp(ref[:, :, None] - cum), groups, dtype, wild)
+        scale_in=_grouped((dt_c * inward).masked_fill(wild[:, :, None], 0.0), groups, dtype)
         .permute(1, 0, 3, 2, 4)[..., None].contiguous(),
-        scale_out=_grouped(torch.exp(cum - ref[:, :, None]), groups, dtype)[..., None],  # [b, c, i, g, r, 1]
-        # a state relative to ref_c, carried through chunk c and re-referenced to ref_c+1: [c, b, g, 1, r, 1]
-        carry=_grouped(torch.exp(last - ref + ref_next), groups, dtype).permute(1, 0, 2, 3)[:, :, :, None, :, None],
+        scale_out=_grouped(inward.reciprocal_(), groups, dtype)[..., None],  # exp(c_i - ref): [b, c, i, g, r, 1]
+        # log of the factor taking a state relative to ref_c through chunk c, re-referenced to ref_c+1
+        log_carry=last - ref + ref_next,  # [b, c, h], <= 0
     )
 
     x = x.to(dtype)
     B, C, D = B.to(dtype), C.to(dtype), D.to(dtype).reshape(groups, per_group, 1)
     out = torch.empty(batch, length, heads, head_dim, dtype=dtype, device=x.device)
-    state = x.new_zeros(batch, groups, state_size, per_group, head_dim)  # entering chunk 0, times exp(ref_0)
+    # The state entering the next chunk, times exp(ref of that chunk), transposed: [b, g, r, p, n].
+    state = x.new_zeros(batch, groups, per_group, head_dim, state_size)
     if initial_state is not None:
-        initial = initial_state.to(dtype).reshape(batch, groups, per_group, state_size, head_dim).transpose(2, 3)
-        state = initial * torch.exp(ref[:, 0]).to(dtype).reshape(batch, groups, 1, per_group, 1)
+        initial = initial_state.to(dtype).reshape(batch, groups, per_group, state_size, head_dim).transpose(3, 4)
+        state = initial * torch.exp(ref[:, 0]).to(dtype).reshape(batch, groups, per_group, 1, 1)
     full = length // size
     step = max(1, _SEGMENT_TOKENS // size)
     for first in range(0, full, step):
@@ -208,24 +215,22 @@ def ssd_fast(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
         state = _segment(x, B, C, D, out, state, scalars, full, 1, length - full * size)
     y = out.to(x.dtype) if out.dtype != x.dtype else out
     if return_final_state:
-        return y, state.transpose(2, 3).reshape(batch, heads, state_size, head_dim)
+        return y, state.transpose(3, 4).reshape(batch, heads, state_size, head_dim)
     return y
 
 
 class _Scalars(NamedTuple):
     dt: Tensor  # [b, c, i, h] float64
     cum: Tensor  # [b, c, i, h] float64
-    wild: Tensor  # [b, c, h] bool: the pairs in segment-sum form
+    wild: Tensor | None  # [b, c, h] bool: the pairs in segment-sum form, None if there are none
     ref_next: Tensor  # [b, c, h] float64
     scale_in: Tensor  # [c, b, g, i, r, 1]
     scale_out: Tensor  # [b, c, i, g, r, 1]
-    carry: Tensor  # [c, b, g, 1, r, 1]
+    log_carry: Tensor  # [b, c, h] float64
 
 
-def _grouped(t: Tensor, groups: int, dtype: torch.dtype, zero: Tensor | None = None) -> Tensor:
-    """[b, c, (i,) h] -> [b, c, (i,) g, r] in dtype, zeroed where `zero` [b, c, h] is set."""
-    if zero is not None:
-        t = t.masked_fill(zero[:, :, None], 0.0)
+def _grouped(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """[b, c, (i,) h] -> [b, c, (i,) g, r] in dtype."""
     return t.to(dtype).reshape(*t.shape[:-1], groups, -1)
 
 
@@ -254,20 +259,30 @@ def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int)
     y = outv.view(gemms, size, width) if direct else x.new_empty(gemms, size, width)
     torch.bmm(scores, xs, out=y)  # the within-chunk part, before the output scaling
 
-    # states[c]: the state entering chunk c (times exp(ref_c)). states[c + 1] first holds what chunk c adds
-    # (B^T xs, relative to ref_c); the scan adds the entering state and re-references the sum.
-    states = x.new_empty(n + 1, batch, groups, state_size, per_group, head_dim)
-    states[0].copy_(state)
-    torch.bmm(Bk.transpose(1, 2), xs, out=states[1:].view(gemms, state_size, width))
-    extra = within = None
-    if s.wild[:, chunks].any():
-        extra, within = _wild_pairs(s, chunks, size, xv, scores, Bk)
-    carry = s.carry[chunks]
-    for c in range(n):
-        states[c + 1].add_(states[c]).mul_(carry[c])
-        if extra is not None:
-            states[c + 1].add_(extra[c])
-    y.baddbmm_(Ck, states[:n].view(gemms, state_size, width))  # + C_i . (state entering the chunk)
+    # parts[0]: the state entering the segment; parts[c + 1]: what chunk c adds, xs^T B (relative to ref_c).
+    # Layout [c, b, g, r, p, n]: each head's [P, N] state is one contiguous block.
+    parts = x.new_empty(n + 1, batch, groups, per_group, head_dim, state_size)
+    parts[0].copy_(state)
+    torch.bmm(xs.transpose(1, 2), Bk, out=parts[1:].view(gemms, width, state_size))
+    wild = None if s.wild is None else s.wild[:, chunks]
+    patch = None
+    if wild is not None and bool(wild.any()):
+        states, patch = _scan_with_wild_pairs(parts, s, chunks, size, xv, scores, Bk)
+    else:
+        # states[c] = sum_m decay[c, m] parts[m], per head: decay[c, 0] = prod_{k < c} f_k,
+        # decay[c, m >= 1] = prod_{m - 1 <= k < c} f_k with f_k = exp(log_carry_k), 0 above the diagonal.
+        log_carry = s.log_carry[:, chunks]  # [b, n, h]
+        total = F.pad(log_carry.cumsum(1), (0, 0, 1, 0))  # [b, n + 1, h]: log prod_{k < c} f_k
+        start = torch.cat([total[:, :1], total[:, :-1]], dim=1)  # the same, up to where each part enters
+        log_decay = (total[:, :, None] - start[:, None, :]).permute(0, 3, 1, 2)  # [b, h, c, m]
+        causal = torch.ones(n + 1, n + 1, dtype=torch.bool, device=x.device).tril()
+        decay = torch.exp(log_decay.masked_fill(~causal, float("-inf"))).to(x.dtype)
+        states = torch.empty_like(parts)
+        flat = (n + 1, batch * heads, head_dim * state_size)  # per head: [c, P*N] with a row stride of all heads
+        torch.bmm(decay.reshape(batch * heads, n + 1, n + 1), parts.view(flat).transpose(0, 1),
+                  out=states.view(flat).transpose(0, 1))
+    # + C_i . (state entering the chunk)
+    y.baddbmm_(Ck, states[:n].view(gemms, width, state_size).transpose(1, 2))
 
     # y_i = exp(c_i - ref) (within + carried) + D x_i
     scale_out = s.scale_out[:, chunks, :size]
@@ -275,19 +290,20 @@ def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int)
         outv.mul_(scale_out)
     else:
         torch.mul(y.view(n, batch, groups, size, per_group, head_dim).permute(1, 0, 3, 2, 4, 5), scale_out, out=outv)
-    if within is not None:
-        b, c, h, values = within
-        outv.view(batch, n, size, heads, head_dim).permute(0, 1, 3, 2, 4).index_put_((b, c, h), values, accumulate=True)
+    if patch is not None:
+        b, c, h, within = patch
+        outv.view(batch, n, size, heads, head_dim).permute(0, 1, 3, 2, 4).index_put_((b, c, h), within, accumulate=True)
     outv.addcmul_(xv, D)
     return states[n]
 
 
-def _wild_pairs(s: _Scalars, chunks: slice, size: int, xv: Tensor, scores: Tensor, Bk: Tensor):
+def _scan_with_wild_pairs(parts, s: _Scalars, chunks: slice, size: int, xv, scores, Bk):
     """The segment's (chunk, head) pairs that decay too much for the rank-one form, in segment-sum form as in
-    ssd_chunked. Returns what each adds to the state (re-referenced to the next chunk) as a dense
-    [c, b, g, N, r, p] tensor for the scan, and their within-chunk outputs (b, c, h, [W, i, p])."""
+    ssd_chunked. What they add to the state joins a sequential scan over the segment's chunks, done in place
+    on `parts`, which is returned as the states entering each chunk (and the next), as the mixing GEMM
+    would. Their within-chunk outputs are returned as (b, c, h, [W, i, p]), to add once `out` is scaled."""
     batch, n, _, groups, per_group, head_dim = xv.shape
-    dtype, state_size = xv.dtype, Bk.shape[-1]
+    dtype = xv.dtype
     b, c, h = s.wild[:, chunks].nonzero().unbind(1)
     g, r = h // per_group, h % per_group
     k = (c * batch + b) * groups + g  # the GEMM index of each pair
@@ -299,10 +315,14 @@ def _wild_pairs(s: _Scalars, chunks: slice, size: int, xv: Tensor, scores: Tenso
     x_dt = xv[b, c, :, g, r, :] * s.dt[:, chunks, :size][b, c, :, h].to(dtype)[..., None]  # [W, j, p]
     within = (scores[k] * torch.exp(segment).to(dtype)) @ x_dt  # [W, i, p]
     to_end = torch.exp(segment[:, -1, :]).to(dtype)  # [W, j]: exp(a_{j+1} + ... + a_last)
-    added = Bk[k].transpose(1, 2) @ (x_dt * to_end[..., None])  # [W, N, p]
-    extra = xv.new_zeros(n, batch, groups, state_size, per_group, head_dim)
-    extra[c, b, g, :, r, :] = added * torch.exp(s.ref_next[:, chunks][b, c, h]).to(dtype)[:, None, None]
-    return extra, (b, c, h, within)
+    added = x_dt.transpose(1, 2) @ (Bk[k] * to_end[..., None])  # [W, p, N]
+    extra = torch.zeros_like(parts[1:])  # [n, b, g, r, p, N]
+    extra[c, b, g, r] = added * torch.exp(s.ref_next[:, chunks][b, c, h]).to(dtype)[:, None, None]
+    carry = torch.exp(s.log_carry[:, chunks]).to(dtype).reshape(batch, n, groups, per_group, 1, 1).transpose(0, 1)
+    for step in range(n):
+        parts[step + 1].add_(parts[step]).mul_(carry[step]).add_(extra[step])
+    return parts, (b, c, h, within)
+
 
 def _run(x, dt, A, B, C, D, chunk, initial_state, differentiable: bool = False):
     """The implementation the current GRAFTC_KERNELS mode selects, returning (y, final state). The backward

@@ -230,6 +230,11 @@ def test_objective_must_be_the_models_own(tmp_path, capsys):
     assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "objective" in err and "'lm' is not this model's own loss" in err and not (tmp_path / "out").exists()
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "swa"}}],
+                     {"steps": 1}, text=str(tmp_path / "text.txt"), seq_len=100)
+    assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
+    assert "data.seq_len: 100 tokens per sample is more than this model can embed (max_position_embeddings 64)" \
+        in capsys.readouterr().err
 
 
 def test_language_model_on_a_text_file(tmp_path):

@@ -395,6 +395,10 @@ class TextTask(Task):
         super().__init__(loaded, data, seed)
         if not data.text:
             raise GraftError("data.text: give a text file or a folder of .txt files for this language model or encoder")
+        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and data.seq_len > positions:
+            raise GraftError(f"data.seq_len: {data.seq_len} tokens per sample is more than this model can embed "
+                             f"(max_position_embeddings {positions}); set seq_len to at most {positions}")
         self.causal = type(loaded.model).__name__.endswith("ForCausalLM")
         self.own_objective = "lm" if self.causal else None
 
