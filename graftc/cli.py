@@ -50,10 +50,13 @@ def _compile(args) -> int:
     base_hash = weights_hash(loaded.model)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
     teacher = copy.deepcopy(loaded.model) if plan.distill is not None else None
+    from graftc import sensitivity
     from graftc.analysis import cached_locality
 
     result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"),
-                   locality=cached_locality(loaded, plan.data, args.seed))
+                   locality=cached_locality(loaded, plan.data, args.seed),
+                   sensitivity=sensitivity.provider(loaded, plan.data, args.seed, log=note,
+                                                    steps=sensitivity.steps_for(plan)))
     if args.emit_code:
         print(emit_code(result.model, loaded.example, list(dict.fromkeys(r["fqn"] for r in result.rewrites))) + "\n")
     first, last = result.reports[0], result.reports[-1]
@@ -291,7 +294,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--op", default="hyena_x", help="--emit-plan: the attention replacement (default hyena_x)")
     a.add_argument("--ratio", type=float, default=0.5, help="--emit-plan: share of attention layers (default 0.5)")
     a.add_argument("--strategy", default="local-first", help="--emit-plan: local-first | nonlocal-first | "
-                                                             "interleaved | first | last (default local-first)")
+                                                             "least-sensitive-first | interleaved | first | last "
+                                                             "(default local-first)")
     a.set_defaults(run=_analyze)
     e = sub.add_parser("eval", help="evaluate a model or artifact: FD/sFID/IS/precision/recall, agreement, cost")
     e.add_argument("target", help="an artifact directory (its base model is the teacher) or a MODEL spec")

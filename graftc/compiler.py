@@ -12,7 +12,7 @@ from torch import fx
 from graftc.errors import GraftError
 from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
 from graftc.match import Region, find_regions
-from graftc.plan import LOCALITY_STRATEGIES, parse_plan, select_regions
+from graftc.plan import LOCALITY_STRATEGIES, SENSITIVITY_STRATEGY, parse_plan, select_regions
 from graftc.rules import rules_by_op, set_submodule
 from graftc.site import probe
 from graftc.trace import trace
@@ -71,7 +71,12 @@ def _rewrite_pass(step_index: int, step) -> Pass:
     def run(state: GraftState) -> PassResult:
         done = {r["fqn"]: r for r in state.rewrites}
         order = state.locality["order"] if isinstance(state.locality, dict) else None
-        chosen = select_regions(step.select, state.regions, f"{where}.select", order)
+        sensitivity = None
+        if step.select.strategy == SENSITIVITY_STRATEGY and step.select.ratio is not None and state.sensitivity:
+            # measured now, on the model as the earlier steps left it, for this step's operator
+            sensitivity = state.sensitivity(state.model, state.regions, step.replace)
+        chosen = select_regions(step.select, state.regions, f"{where}.select", order,
+                                sensitivity["order"] if sensitivity else None)
         if rules_by_op()[step.replace.op].plugs_in and any("site" not in r.attrs for r in chosen):
             probe(state.model, state.args, state.kwargs, chosen)  # one forward, only when a rule needs it
         for region in chosen:
@@ -88,6 +93,8 @@ def _rewrite_pass(step_index: int, step) -> Pass:
         details = {"op": step.replace.op, "kind": step.select.kind, "rewritten": [r.fqn for r in chosen]}
         if order is not None and step.select.strategy in LOCALITY_STRATEGIES:
             details["locality"] = state.locality  # what the selection was ranked by
+        if sensitivity:
+            details["sensitivity"] = sensitivity
         left = chosen[0].attrs.get("unpaired") if chosen else None
         if left:  # blocks the matcher could not pair (the rule's guard refused them unless told to skip)
             details["left_sequential"] = [f"{u['fqn']}: {u['reason']}" for u in left]
@@ -115,13 +122,15 @@ def build_passes(plan) -> list[Pass]:
     return passes + [_rewrite_pass(i, step) for i, step in enumerate(plan.graft)]
 
 
-def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=None, locality=None) -> GraftResult:
+def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=None, locality=None,
+            sensitivity=None) -> GraftResult:
     """Rewrite `model` in place by `plan` (a Plan, a dict, or a path to YAML). `example_inputs` is a tuple of
     positional args or a dict of keyword args, used to trace the model and check every rewrite.
 
     `locality(model, regions) -> {"order": [...], ...}` ranks attention layers for the local-first /
     nonlocal-first strategies (the CLI measures on the model's own data, cached); by default they are ranked on
-    the example inputs."""
+    the example inputs. `sensitivity(model, regions, replace) -> {"order": [...], ...}` ranks them for
+    least-sensitive-first (``graftc.sensitivity.provider``; it needs the model's data, so there is no default)."""
     if not isinstance(plan, BaseModel):
         from graftc.plan import load_plan
 
@@ -129,6 +138,7 @@ def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=Non
     state = GraftState(model.eval(), *split_inputs(example_inputs))
     if any(step.select.strategy in LOCALITY_STRATEGIES and step.select.ratio is not None for step in plan.graft):
         state.locality = locality or (lambda m, regions: _example_locality(m, regions, state.args, state.kwargs))
+    state.sensitivity = sensitivity
     reports = run_passes(state, build_passes(plan), progress)
     return GraftResult(state.model, state.regions, state.rewrites, reports, plan)
 

@@ -26,6 +26,7 @@ class GraftState:
     rewrites: list[dict] = field(default_factory=list)  # what was done: rule, fqn, resolved config, region
     signature: list = field(default_factory=list)  # output shapes/dtypes the model must keep
     locality: Any = None  # attention ranking for the locality strategies (a provider until the match pass runs it)
+    sensitivity: Any = None  # provider (model, regions, replace) -> ranking, for least-sensitive-first
 
 
 @dataclass

@@ -38,9 +38,11 @@ class Select(Strict):
     kind: Literal["attention", "mlp", "block", "block_pair"] = Field("attention", description="region kind")
     layers: Union[list[int], str, None] = Field(None, description='indices, a slice string like "1::2", or "all"')
     ratio: float | None = Field(None, gt=0, le=1, description="fraction of the regions of this kind, in (0, 1]")
-    strategy: Literal["interleaved", "first", "last", "local-first", "nonlocal-first"] = Field(
+    strategy: Literal["interleaved", "first", "last", "local-first", "nonlocal-first", "least-sensitive-first"] = Field(
         "interleaved", description="which regions `ratio` takes; local-first / nonlocal-first rank attention layers "
-                                   "by measured attention locality (graftc analyze), most / least local first")
+                                   "by measured attention locality (graftc analyze), most / least local first; "
+                                   "least-sensitive-first by how little the model's output moves when the layer "
+                                   "alone is grafted and given a short stage 1 (graftc.sensitivity)")
     fqn: str | None = Field(None, description='module path, or "re:<regex>" matched against region module paths')
 
     @field_validator("layers", mode="before")
@@ -270,11 +272,13 @@ def _check_keys(data: Any, model: type[BaseModel], path: str) -> None:
 
 # ---------------------------------------------------------------- selection
 LOCALITY_STRATEGIES = ("local-first", "nonlocal-first")
+SENSITIVITY_STRATEGY = "least-sensitive-first"
 
 
-def select_regions(select: Select, regions: list[Region], where: str, locality: list[int] | None = None) -> list[Region]:
+def select_regions(select: Select, regions: list[Region], where: str, locality: list[int] | None = None,
+                   sensitivity: list[int] | None = None) -> list[Region]:
     """The regions a `select` names, with errors that say what the model has. `locality`: attention indices,
-    most local first, for the locality strategies."""
+    most local first, for the locality strategies; `sensitivity`: attention indices, least sensitive first."""
     pool = [r for r in regions if r.kind == select.kind]
     n = len(pool)
     if n == 0:
@@ -298,6 +302,11 @@ def select_regions(select: Select, regions: list[Region], where: str, locality: 
                                  f"it needs kind: attention and the locality analysis")
             ranked = locality if select.strategy == "local-first" else locality[::-1]
             idx = sorted(ranked[:k])
+        elif select.strategy == SENSITIVITY_STRATEGY:
+            if select.kind != "attention" or sensitivity is None:
+                raise GraftError(f"{where}: strategy {select.strategy} ranks attention layers by measured graft "
+                                 "sensitivity; it needs kind: attention and the measurement (graftc compile makes it)")
+            idx = sorted(sensitivity[:k])
         elif select.strategy == "first":
             idx = list(range(k))
         elif select.strategy == "last":

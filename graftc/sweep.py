@@ -48,6 +48,7 @@ def pareto(rows: list[dict], x: str = "gflops", y: str = "output_mse") -> list[d
 def sweep(spec: str, ops, ratios, strategies, steps: int, batch_size: int, data: dict, seed: int = 0,
           log=print) -> list[dict]:
     import graftc
+    from graftc import sensitivity
     from graftc.analysis import cached_locality
     from graftc.distill import run as run_distill
     from graftc.distill.data import make_task
@@ -67,7 +68,9 @@ def sweep(spec: str, ops, ratios, strategies, steps: int, batch_size: int, data:
                     plan = parse_plan(raw, name)
                     teacher, student = copy.deepcopy(base.model), copy.deepcopy(base.model)
                     result = graftc.compile(student, plan, base.example,
-                                            locality=cached_locality(base, plan.data, seed))
+                                            locality=cached_locality(base, plan.data, seed),
+                                            sensitivity=sensitivity.provider(base, plan.data, seed, log=log,
+                                                                             steps=sensitivity.steps_for(plan)))
                     outcome = run_distill(teacher, student, result.rewrites, plan, base, Path(work) / name,
                                           False, seed, log=lambda *_: None)
                     if task is None:

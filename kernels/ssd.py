@@ -14,6 +14,7 @@ across chunks only the [N, P] state is carried, by a scan over L / Q steps.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -142,26 +143,49 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     return y
 # Rank-one decay form of the chunked SSD: the forward fast path (CPU default).
 #
-# Inside a chunk, exp(c_i - c_j) = exp(c_i - r) * exp(r - c_j) for any reference r (c = inclusive cumsum of
-# a = dt * A within the chunk). Scaling the inputs by exp(r - c_j) and the outputs by exp(c_i - r) turns the
-# per-head decay mask into two diagonal scalings, so all heads of a group share one masked C.B^T, and a
-# chunk's within-chunk product, its state contribution and its read of the carried state are one GEMM each
-# over all the group's heads ([Q, Q] @ [Q, r*P], [r*P, Q] @ [Q, N], [Q, N] @ [N, r*P]): no [heads, Q, Q]
-# tensor is ever formed. r = c_last / 2 keeps both factors within exp(+-|c_last| / 2); a (chunk, head) that
-# decays by more than _RANK_ONE_RANGE e-folds over the chunk would push them towards fp32's limits, so it
-# takes the segment-sum form instead, on that subset only. The cumsums and exponents are computed in
-# float64: they are [L, H] scalars (1/P of the activations), and the wider type keeps c_i - r exact to fp32
+# Inside a chunk, exp(c_i - c_j) = exp(c_i) * exp(-c_j) (c = inclusive cumsum of a = dt * A within the
+# chunk, <= 0). Scaling the inputs by exp(-c_j) and the outputs by exp(c_i) turns the per-head decay mask into
+# two diagonal scalings, so all heads of a group share one masked C.B^T, and a chunk's within-chunk product,
+# its state contribution and its read of the carried state are one GEMM each over all the group's heads
+# ([Q, Q] @ [Q, r*P], [N, Q] @ [Q, r*P], [Q, N] @ [N, r*P]): no [heads, Q, Q] tensor is ever formed. Steps
+# past _RANK_ONE_RANGE e-folds of decay into their chunk would push exp(-c_j) towards fp32's limit, so their
+# within-chunk terms (all with i and j past it) take the segment-sum form instead, on that subset only. Every
+# choice depends on steps <= i only (the reference is the chunk's start, not its end), so an output never
+# changes, not even in its last bit, when a later input does. The cumsums and exponents are computed in
+# float64: they are [L, H] scalars (1/P of the activations), and the wider type keeps them exact to fp32
 # precision however large c grows.
-# Across chunks the states are not scanned one chunk at a time (two small ops per chunk) but mixed by one
-# batched GEMM per segment: per head, a lower-triangular [n+1, n+1] matrix of chunk-to-chunk decays
-# (products of per-chunk factors, from float64 cumsums) times the [n+1, P*N] stack of entering state and
-# chunk contributions. The sequence is processed in segments of about _SEGMENT_TOKENS tokens, so every
-# temporary is a few MB: it stays in cache, and the allocator reuses it instead of mapping fresh pages
-# (first-touch page faults cost as much as the arithmetic here). Few, large ops also matter on a shared
-# machine: each parallel op can wait for a descheduled worker thread.
+#
+# Across chunks the recurrence is s_c+1 = f_c s_c + u_c (f_c = exp(c_last) per head, u_c = B^T (x dt
+# exp(c_last - c_j))), run as a log-depth (Hillis-Steele) scan: a few whole-segment multiply-adds instead
+# of one small op per chunk. Decay weights below _NEGLIGIBLE relative to what they scale are set to 0 (in
+# float64, before the cast): it changes nothing at fp32 precision, and keeps subnormal numbers, which x86
+# computes some 100x slower, out of the GEMMs and the scan. The sequence is processed in segments of about
+# _SEGMENT_TOKENS tokens, so every temporary is a few MB: it stays in cache, and the allocator reuses it
+# instead of mapping new pages.
 
-_RANK_ONE_RANGE = 100.0  # factors up to exp(50): far from fp32's exp(+-87), no product over- or underflows
+_RANK_ONE_RANGE = 60.0  # input factors up to exp(60) ~ 1e26: far from fp32's 3e38, no sum overflows
+_NEGLIGIBLE = 1e-20
 _SEGMENT_TOKENS = 1024
+
+
+class _Scalars(NamedTuple):
+    dt: Tensor  # [b, c, i, h] float64
+    cum: Tensor  # [b, c, i, h] float64
+    wild: Tensor | None  # [b, c, h] bool: pairs with steps past the rank-one range (None: there are none)
+    scale_in: Tensor  # dt_j exp(-c_j), 0 past the rank-one range: [c, b, g, j, r, 1] in the compute dtype
+    scale_state: Tensor  # dt_j exp(c_last - c_j): [c, b, g, j, r, 1]
+    scale_out: Tensor  # exp(c_i): [b, c, i, g, r, 1]
+    decay: Tensor  # f_c = exp(c_last): [c, b, g, 1, r, 1]
+
+
+def _below(t: Tensor, threshold: float) -> Tensor:
+    """t (float64, >= 0) with the values below threshold set to exactly 0."""
+    return t.masked_fill_(t < threshold, 0.0)
+
+
+def _flushed(t: Tensor) -> Tensor:
+    """A float64 decay weight in [0, 1], with the negligible ones set to exactly 0."""
+    return _below(t, _NEGLIGIBLE)
 
 
 def ssd_fast(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk: int = 64,
@@ -182,146 +206,121 @@ def ssd_fast(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
 
     # Per (step, head) scalars in float64, chunked and padded with dt = 0 (no decay: c_last of a short last
     # chunk is its last real c_i).
-    dt_c = F.pad(dt.to(wide), (0, 0, 0, pad)).reshape(batch, n_chunks, size, heads)
+    dt_c = dt.to(wide)
+    if pad:
+        dt_c = F.pad(dt_c, (0, 0, 0, pad))
+    dt_c = dt_c.reshape(batch, n_chunks, size, heads)
     cum = (dt_c * A.to(wide)).cumsum(2)  # c_i = a_0 + ... + a_i within each chunk, <= 0
-    last = cum[:, :, -1]  # [b, c, h]: the chunk's total decay
-    wild = last < -_RANK_ONE_RANGE
-    ref = torch.where(wild, torch.zeros_like(last), 0.5 * last)
-    ref_next = F.pad(ref[:, 1:], (0, 0, 0, 1))  # 0 after the last chunk: the final state is unscaled
-    inward = torch.exp(ref[:, :, None] - cum)  # exp(ref - c_j); may overflow for the wild pairs (zeroed below)
-    scalars = _Scalars(
-        dt=dt_c, cum=cum, wild=wild if bool(wild.any()) else None, ref_next=ref_next,
-        # inputs times dt_j exp(ref - c_j) (0 for the segment-sum pairs), chunk-major [c, b, g, i, r, 1]
-        scale_in=_grouped((dt_c * inward).masked_fill(wild[:, :, None], 0.0), groups, dtype)
-        .permute(1, 0, 3, 2, 4)[..., None].contiguous(),
-        scale_out=_grouped(inward.reciprocal_(), groups, dtype)[..., None],  # exp(c_i - ref): [b, c, i, g, r, 1]
-        # log of the factor taking a state relative to ref_c through chunk c, re-referenced to ref_c+1
-        log_carry=last - ref + ref_next,  # [b, c, h], <= 0
-    )
+    last = cum[:, :, -1:]  # [b, c, 1, h]: the chunk's total decay
+    beyond = cum < -_RANK_ONE_RANGE  # steps whose within-chunk terms take the segment-sum form
+    wild = beyond[:, :, -1]  # [b, c, h]: the pairs that have any
+    any_wild = bool(wild.any())
+    scale_in = dt_c * torch.exp(-cum)  # may overflow past the range: replaced by 0 there
+    if any_wild:
+        scale_in.masked_fill_(beyond, 0.0)
 
-    x = x.to(dtype)
+    def chunk_major(t: Tensor) -> Tensor:  # [b, c, j, h] float64 -> [c, b, g, j, r, 1] in dtype
+        return t.to(dtype).reshape(batch, n_chunks, size, groups, per_group).permute(1, 0, 3, 2, 4)[..., None] \
+            .contiguous()
+
+    tiny = torch.finfo(dtype).tiny  # exp(c_i) below fp32's smallest normal: the terms it scales are < e^-27
+    s = _Scalars(
+        dt=dt_c, cum=cum, wild=wild if any_wild else None,
+        scale_in=chunk_major(scale_in),
+        scale_state=chunk_major(dt_c * _flushed(torch.exp(last - cum))),
+        scale_out=_below(torch.exp(cum), tiny).to(dtype).reshape(batch, n_chunks, size, groups, per_group, 1),
+        decay=_flushed(torch.exp(last[:, :, 0])).to(dtype).reshape(batch, n_chunks, groups, per_group)
+        .transpose(0, 1)[:, :, :, None, :, None],
+    )
+    x_dtype, x = x.dtype, x.to(dtype)
     B, C, D = B.to(dtype), C.to(dtype), D.to(dtype).reshape(groups, per_group, 1)
     out = torch.empty(batch, length, heads, head_dim, dtype=dtype, device=x.device)
-    # The state entering the next chunk, times exp(ref of that chunk), transposed: [b, g, r, p, n].
-    state = x.new_zeros(batch, groups, per_group, head_dim, state_size)
+    state = x.new_zeros(batch, groups, state_size, per_group, head_dim)  # [b, g, n, r, p]
     if initial_state is not None:
-        initial = initial_state.to(dtype).reshape(batch, groups, per_group, state_size, head_dim).transpose(3, 4)
-        state = initial * torch.exp(ref[:, 0]).to(dtype).reshape(batch, groups, per_group, 1, 1)
+        state = initial_state.to(dtype).reshape(batch, groups, per_group, state_size, head_dim).transpose(2, 3)
     full = length // size
     step = max(1, _SEGMENT_TOKENS // size)
     for first in range(0, full, step):
-        state = _segment(x, B, C, D, out, state, scalars, first, min(step, full - first), size)
+        state = _segment(x, B, C, D, out, state, s, first, min(step, full - first), size)
     if pad:
-        state = _segment(x, B, C, D, out, state, scalars, full, 1, length - full * size)
-    y = out.to(x.dtype) if out.dtype != x.dtype else out
+        state = _segment(x, B, C, D, out, state, s, full, 1, length - full * size)
+    y = out.to(x_dtype)
     if return_final_state:
-        return y, state.transpose(3, 4).reshape(batch, heads, state_size, head_dim)
+        return y, state.transpose(2, 3).reshape(batch, heads, state_size, head_dim)
     return y
-
-
-class _Scalars(NamedTuple):
-    dt: Tensor  # [b, c, i, h] float64
-    cum: Tensor  # [b, c, i, h] float64
-    wild: Tensor | None  # [b, c, h] bool: the pairs in segment-sum form, None if there are none
-    ref_next: Tensor  # [b, c, h] float64
-    scale_in: Tensor  # [c, b, g, i, r, 1]
-    scale_out: Tensor  # [b, c, i, g, r, 1]
-    log_carry: Tensor  # [b, c, h] float64
-
-
-def _grouped(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
-    """[b, c, (i,) h] -> [b, c, (i,) g, r] in dtype."""
-    return t.to(dtype).reshape(*t.shape[:-1], groups, -1)
 
 
 def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int) -> Tensor:
     """Chunks first .. first + n - 1 (all of `size` steps) in rank-one form: writes their outputs into `out`,
-    returns the state entering the next chunk (relative to its reference)."""
+    returns the state after the last one."""
     batch, _, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
     per_group, width = heads // groups, heads // groups * head_dim
     gemms = n * batch * groups  # GEMM index k = (chunk, batch, group)
-    tokens = slice(first * s.dt.shape[2], first * s.dt.shape[2] + n * size)
-    chunks = slice(first, first + n)
+    start = first * s.dt.shape[2]
+    tokens, chunks = slice(start, start + n * size), slice(first, first + n)
     xv = x[:, tokens].reshape(batch, n, size, groups, per_group, head_dim)
-    xs = x.new_empty(n, batch, groups, size, per_group, head_dim)
-    torch.mul(xv.permute(1, 0, 3, 2, 4, 5), s.scale_in[chunks, :, :, :size], out=xs)
-    xs = xs.view(gemms, size, width)
+    xt = xv.permute(1, 0, 3, 2, 4, 5)  # [c, b, g, j, r, p], the GEMMs' order
+
+    def scaled(scale: Tensor) -> Tensor:  # x times a per-(step, head) scale, as GEMM operands [k, size, width]
+        product = torch.empty_like(xt, memory_format=torch.contiguous_format)
+        return torch.mul(xt, scale[chunks, :, :, :size], out=product).view(gemms, size, width)
 
     def per_gemm(t: Tensor) -> Tensor:  # B or C [Bt, L, G, N] -> [k, size, N]
         return t[:, tokens].reshape(batch, n, size, groups, state_size).transpose(0, 1).transpose(2, 3) \
             .reshape(gemms, size, state_size)
 
+    # Across chunks: S_0 = the entering state, S_c+1 = f_c S_c + u_c. Step d (1, 2, 4, ...) adds the
+    # f-products times S shifted by d, ping-ponging between two buffers (rows before d are complete).
     Bk, Ck = per_gemm(B), per_gemm(C)
+    now = x.new_empty(n + 1, batch, groups, state_size, per_group, head_dim)
+    now[0].copy_(state)
+    torch.bmm(Bk.transpose(1, 2), scaled(s.scale_state), out=now[1:].view(gemms, state_size, width))  # u_c
+    factor = torch.cat([torch.ones_like(s.decay[:1]), s.decay[chunks]])  # [n + 1, ...]: f_c-1
+    other = torch.empty_like(now)
+    d = 1
+    while d <= n:
+        other[:d].copy_(now[:d])
+        torch.addcmul(now[d:], now[:-d], factor[d:], out=other[d:])
+        product = factor[d:] * factor[:-d]
+        factor = torch.cat([factor[:d], product.masked_fill_(product < _NEGLIGIBLE, 0.0)])
+        now, other, d = other, now, 2 * d
+
+    # y_i = exp(c_i) ((masked C.B^T) @ (x dt exp(-c_j)) + C_i . S_c) + D x_i, in out's own layout if it can.
     scores = torch.bmm(Ck, Bk.transpose(1, 2)).tril_()  # C_i . B_j for j <= i, shared by the group's heads
     outv = out[:, tokens].view(batch, n, size, groups, per_group, head_dim)
-    direct = batch == 1 and groups == 1  # then [k, i, width] is out's own layout: the GEMMs write it in place
+    direct = batch == 1 and groups == 1  # [k, i, width] is then out's layout: the GEMMs write it in place
     y = outv.view(gemms, size, width) if direct else x.new_empty(gemms, size, width)
-    torch.bmm(scores, xs, out=y)  # the within-chunk part, before the output scaling
-
-    # parts[0]: the state entering the segment; parts[c + 1]: what chunk c adds, xs^T B (relative to ref_c).
-    # Layout [c, b, g, r, p, n]: each head's [P, N] state is one contiguous block.
-    parts = x.new_empty(n + 1, batch, groups, per_group, head_dim, state_size)
-    parts[0].copy_(state)
-    torch.bmm(xs.transpose(1, 2), Bk, out=parts[1:].view(gemms, width, state_size))
-    wild = None if s.wild is None else s.wild[:, chunks]
-    patch = None
-    if wild is not None and bool(wild.any()):
-        states, patch = _scan_with_wild_pairs(parts, s, chunks, size, xv, scores, Bk)
-    else:
-        # states[c] = sum_m decay[c, m] parts[m], per head: decay[c, 0] = prod_{k < c} f_k,
-        # decay[c, m >= 1] = prod_{m - 1 <= k < c} f_k with f_k = exp(log_carry_k), 0 above the diagonal.
-        log_carry = s.log_carry[:, chunks]  # [b, n, h]
-        total = F.pad(log_carry.cumsum(1), (0, 0, 1, 0))  # [b, n + 1, h]: log prod_{k < c} f_k
-        start = torch.cat([total[:, :1], total[:, :-1]], dim=1)  # the same, up to where each part enters
-        log_decay = (total[:, :, None] - start[:, None, :]).permute(0, 3, 1, 2)  # [b, h, c, m]
-        causal = torch.ones(n + 1, n + 1, dtype=torch.bool, device=x.device).tril()
-        decay = torch.exp(log_decay.masked_fill(~causal, float("-inf"))).to(x.dtype)
-        states = torch.empty_like(parts)
-        flat = (n + 1, batch * heads, head_dim * state_size)  # per head: [c, P*N] with a row stride of all heads
-        torch.bmm(decay.reshape(batch * heads, n + 1, n + 1), parts.view(flat).transpose(0, 1),
-                  out=states.view(flat).transpose(0, 1))
-    # + C_i . (state entering the chunk)
-    y.baddbmm_(Ck, states[:n].view(gemms, width, state_size).transpose(1, 2))
-
-    # y_i = exp(c_i - ref) (within + carried) + D x_i
-    scale_out = s.scale_out[:, chunks, :size]
+    torch.bmm(scores, scaled(s.scale_in), out=y)
+    y.baddbmm_(Ck, now[:n].view(gemms, state_size, width))
     if direct:
-        outv.mul_(scale_out)
+        outv.mul_(s.scale_out[:, chunks, :size])
     else:
-        torch.mul(y.view(n, batch, groups, size, per_group, head_dim).permute(1, 0, 3, 2, 4, 5), scale_out, out=outv)
-    if patch is not None:
-        b, c, h, within = patch
+        torch.mul(y.view(n, batch, groups, size, per_group, head_dim).permute(1, 0, 3, 2, 4, 5),
+                  s.scale_out[:, chunks, :size], out=outv)
+    if s.wild is not None and bool(s.wild[:, chunks].any()):
+        b, c, h, within = _wild_within(s, chunks, size, xv, scores)
         outv.view(batch, n, size, heads, head_dim).permute(0, 1, 3, 2, 4).index_put_((b, c, h), within, accumulate=True)
     outv.addcmul_(xv, D)
-    return states[n]
+    return now[n]
 
 
-def _scan_with_wild_pairs(parts, s: _Scalars, chunks: slice, size: int, xv, scores, Bk):
-    """The segment's (chunk, head) pairs that decay too much for the rank-one form, in segment-sum form as in
-    ssd_chunked. What they add to the state joins a sequential scan over the segment's chunks, done in place
-    on `parts`, which is returned as the states entering each chunk (and the next), as the mixing GEMM
-    would. Their within-chunk outputs are returned as (b, c, h, [W, i, p]), to add once `out` is scaled."""
+def _wild_within(s: _Scalars, chunks: slice, size: int, xv: Tensor, scores: Tensor):
+    """The within-chunk terms left out of the rank-one form: j (and so i >= j) past the rank-one range, in
+    segment-sum form as in ssd_chunked, for the segment's pairs that have such steps: (b, c, h, [W, i, p])."""
     batch, n, _, groups, per_group, head_dim = xv.shape
-    dtype = xv.dtype
     b, c, h = s.wild[:, chunks].nonzero().unbind(1)
     g, r = h // per_group, h % per_group
-    k = (c * batch + b) * groups + g  # the GEMM index of each pair
     cum = s.cum[:, chunks, :size][b, c, :, h]  # [W, i], float64
     log_decay = torch.cat([cum[:, :1], cum[:, 1:] - cum[:, :-1]], dim=1)  # a_i back (exact: a_i was added)
     causal = torch.ones(size, size, dtype=torch.bool, device=xv.device).tril()
     segment = log_decay[:, :, None].expand(-1, size, size).masked_fill(~causal.tril(-1), 0.0)
-    segment = segment.cumsum(1).masked_fill(~causal, float("-inf"))  # [W, i, j]: a_{j+1} + ... + a_i
-    x_dt = xv[b, c, :, g, r, :] * s.dt[:, chunks, :size][b, c, :, h].to(dtype)[..., None]  # [W, j, p]
-    within = (scores[k] * torch.exp(segment).to(dtype)) @ x_dt  # [W, i, p]
-    to_end = torch.exp(segment[:, -1, :]).to(dtype)  # [W, j]: exp(a_{j+1} + ... + a_last)
-    added = x_dt.transpose(1, 2) @ (Bk[k] * to_end[..., None])  # [W, p, N]
-    extra = torch.zeros_like(parts[1:])  # [n, b, g, r, p, N]
-    extra[c, b, g, r] = added * torch.exp(s.ref_next[:, chunks][b, c, h]).to(dtype)[:, None, None]
-    carry = torch.exp(s.log_carry[:, chunks]).to(dtype).reshape(batch, n, groups, per_group, 1, 1).transpose(0, 1)
-    for step in range(n):
-        parts[step + 1].add_(parts[step]).mul_(carry[step]).add_(extra[step])
-    return parts, (b, c, h, within)
+    segment = segment.cumsum(1)  # [W, i, j]: a_{j+1} + ... + a_i
+    keep = causal & (cum >= -_RANK_ONE_RANGE)[:, None, :].logical_not()  # j <= i, j past the range
+    segment = segment.masked_fill_(~keep | (segment < math.log(_NEGLIGIBLE)), float("-inf"))
+    x_dt = xv[b, c, :, g, r, :] * s.dt[:, chunks, :size][b, c, :, h].to(xv.dtype)[..., None]  # [W, j, p]
+    within = (scores[(c * batch + b) * groups + g] * torch.exp(segment).to(xv.dtype)) @ x_dt
+    return b, c, h, within
 
 
 def _run(x, dt, A, B, C, D, chunk, initial_state, differentiable: bool = False):

@@ -32,6 +32,8 @@ class LinearAttention(ProjectedAttention):
 
     def core(self, q, k, v):
         scale = self.head_dim ** -0.25  # split softmax's 1/sqrt(dh) between queries and keys
+        if self.feature_map == "hedgehog":  # the learned maps fold the scale into their [d, d] weights
+            return linear_attention(self.phi_q(q, scale), self.phi_k(k, scale), v, self.causal)
         return linear_attention(self.phi_q(q * scale), self.phi_k(k * scale), v, self.causal)
 
     def extra_repr(self) -> str:

@@ -210,3 +210,58 @@ def test_emit_plan_from_the_analysis_compiles(tmp_path, capsys):
     expected = sorted(layer_order(analysis, default_k(analysis))[::-1][:3])
     assert yaml.safe_load(plan.read_text())["graft"][0]["select"]["layers"] == expected
     assert main(["compile", "demo:tiny-dit", str(plan), "-o", str(tmp_path / "out")]) == 0
+
+
+def test_least_sensitive_first_ranks_by_the_single_layer_graft(tmp_path):
+    """A block whose attention branch is gated to zero cannot move the output whatever replaces its attention:
+    its measured sensitivity is exactly 0 and least-sensitive-first takes it; the others move the output."""
+    import graftc
+    from graftc import sensitivity
+    from graftc.plan import parse_plan
+
+    loaded = graftc.load_model("demo:tiny-dit")
+    width = loaded.model.hidden_size
+    with torch.no_grad():  # adaLN chunks: shift, scale, gate of attention, then of the MLP
+        gate = loaded.model.blocks[4].adaLN_modulation[-1]
+        gate.weight[2 * width:3 * width].zero_()
+        gate.bias[2 * width:3 * width].zero_()
+    data = parse_plan({"version": 1, "data": {"samples": 16, "sampler_steps": 2, "fd_samples": 0,
+                                              "cache": str(tmp_path / "cache")}}).data
+    lines = []
+    provider = sensitivity.provider(loaded, data, seed=0, steps=3, log=lines.append)
+    plan = {"version": 1, "graft": [{"select": {"kind": "attention", "ratio": 0.5, "strategy": "least-sensitive-first"},
+                                     "replace": {"op": "hyena_x"}}]}
+    result = graftc.compile(loaded.model, plan, loaded.example, sensitivity=provider)
+    ranking = result.reports[-1].details["sensitivity"]
+    assert ranking["output_mse"]["4"] == 0.0 and all(v > 0 for k, v in ranking["output_mse"].items() if k != "4")
+    assert ranking["order"][0] == 4 and sorted(ranking["order"]) == list(range(6))
+    assert [r["index"] for r in result.rewrites] == sorted(ranking["order"][:3])
+    assert "after 3 stage-1 steps" in lines[0]
+    assert provider(graftc.load_model("demo:tiny-dit").model, result.regions, result.plan.graft[0].replace) != ranking
+    # the same weights and operator again: read from the cache
+    lines.clear()
+    again = graftc.load_model("demo:tiny-dit")
+    with torch.no_grad():
+        again.model.blocks[4].adaLN_modulation[-1].load_state_dict(gate.state_dict())
+    assert provider(again.model, result.regions, result.plan.graft[0].replace) == ranking
+    assert "using the cached measurement" in lines[-1]
+
+
+def test_least_sensitive_first_needs_the_measurement(tmp_path):
+    import graftc
+    from graftc.errors import GraftError
+
+    loaded = graftc.load_model("demo:tiny-dit")
+    plan = {"version": 1, "graft": [{"select": {"kind": "attention", "ratio": 0.5, "strategy": "least-sensitive-first"},
+                                     "replace": {"op": "hyena_x"}}]}
+    with pytest.raises(GraftError, match="least-sensitive-first ranks attention layers by measured graft sensitivity"):
+        graftc.compile(loaded.model, plan, loaded.example)
+    # through the CLI the plan measures it, with no more stage-1 steps than the plan's own stage 1
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({**plan, "distill": {"stage1": {"steps": 2, "batch_size": 8}},
+                                    "data": {"samples": 16, "sampler_steps": 2, "fd_samples": 0,
+                                             "cache": str(tmp_path / "cache")}}))
+    assert main(["compile", "demo:tiny-dit", str(path), "-o", str(tmp_path / "out")]) == 0
+    [measured] = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "analysis").glob("sensitivity-*.json")]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert measured["steps"] == 2 and [r["index"] for r in manifest["rewrites"]] == sorted(measured["order"][:3])

@@ -175,3 +175,22 @@ def test_hedgehog_learns_to_mimic_softmax_attention():
         loss().backward()
         optimizer.step()
     assert loss().item() < 0.7 * first.item()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 10, 8), (1, 3, 7, 8), (3, 10, 8)], ids=["batch2", "batch1", "no-batch"])
+def test_hedgehog_folds_the_scale_and_the_sign_into_one_gemm(shape):
+    """phi(x, s) == softmax([z, -z]) with z = (x s) W + b: the form of the paper, with trained W and b."""
+    gen = torch.Generator().manual_seed(7)
+    feature_map = HedgehogFeatureMap(8, 3)
+    with torch.no_grad():
+        feature_map.weight.copy_(torch.randn(3, 8, 8, generator=gen))
+        feature_map.bias.copy_(torch.randn(3, 8, generator=gen))
+    x = torch.randn(*shape, generator=gen).requires_grad_()
+    z = (x * 0.5) @ feature_map.weight + feature_map.bias[:, None, :]
+    expected = torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+    got = feature_map(x, 0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    upstream = torch.randn_like(got)
+    params = [x, feature_map.weight, feature_map.bias]
+    for g, w in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(expected, params, upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
