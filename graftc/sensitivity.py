@@ -4,9 +4,9 @@ Every candidate layer is rewritten with the step's operator and all of them get 
 (one teacher pass per step serves every node, and each node is fed the teacher's own input, so the nodes do
 not interact). Then each trained node is put alone into a copy of the model, and the mean squared difference
 of that model's output from the original's on held-out inputs is the layer's sensitivity. The
-`least-sensitive-first` strategy grafts the layers that move the output least. On the demo DiT this order
-(0, 2, 5, 3, 4, 1 for Hyena-X) follows the FD of the single-layer grafts, where locality alone would take
-layer 1, the most sensitive one (benches/RESULTS.md).
+`least-sensitive-first` strategy grafts the layers that move the output least. On the demo DiT with Hyena-X
+it ranks 0, 3, 5, 2, 1, 4; the FD of single-layer grafts agrees on the extremes (0 best; 1 and 4 worst), where
+locality alone would take layer 1 (benches/RESULTS.md).
 """
 from __future__ import annotations
 
