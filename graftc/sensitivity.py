@@ -61,7 +61,7 @@ def measure(loaded, model, fqns: list[str], replace, data, seed: int, steps: int
 
 
 def provider(loaded, data, seed: int, steps: int = STEPS, log=print):
-    """A `sensitivity` provider for graftc.compile: ranks the attention layers not yet rewritten, least
+    """A `sensitivity` provider for graftc.compile: ranks the model's attention layers, least
     sensitive first, for the step's operator; cached as JSON under the data cache, keyed by the weights, the
     operator, the data settings, the seed and the steps."""
     from graftc.distill.data import cache_root
@@ -69,8 +69,7 @@ def provider(loaded, data, seed: int, steps: int = STEPS, log=print):
 
     def rank(model, regions, replace) -> dict:
         pool = [r for r in regions if r.kind == "attention"]
-        present = {name for name, _ in model.named_modules()}
-        fqns = [r.fqn for r in pool if r.fqn in present]
+        fqns = [r.fqn for r in pool]  # a layer an earlier step rewrote is measured only if it still matches attention
         settings = data.model_dump(mode="json", exclude={"fd_samples", "cache"})
         key = json.dumps([weights_hash(model), replace.model_dump(mode="json"), settings, seed, steps, fqns])
         path = cache_root(data.cache) / "analysis" / f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
