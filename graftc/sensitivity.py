@@ -5,7 +5,7 @@ Every candidate layer is rewritten with the step's operator and all of them get 
 not interact). Then each trained node is put alone into a copy of the model, and the mean squared difference
 of that model's output from the original's on held-out inputs is the layer's sensitivity. The
 `least-sensitive-first` strategy grafts the layers that move the output least. On the demo DiT with Hyena-X
-it ranks 0, 3, 5, 2, 1, 4; the FD of single-layer grafts agrees on the extremes (0 best; 1 and 4 worst), where
+it ranks 0, 2, 3, 5, 1, 4; the FD of single-layer grafts agrees on the extremes (0 best; 1 and 4 worst), where
 locality alone would take layer 1 (benches/RESULTS.md).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 import tempfile
 from pathlib import Path
 
-STEPS = 200  # stage-1 steps of the measurement: enough to rank layers, a fraction of a real stage 1
+STEPS = 600  # stage-1 steps of the measurement (on the demo, 200 left layer 2 under-trained and misranked)
 BATCH = 64
 
 
