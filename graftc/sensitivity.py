@@ -52,11 +52,13 @@ def measure(loaded, model, fqns: list[str], replace, data, seed: int, steps: int
                     log=lambda *_: None)
     task = make_task(loaded, plan.data, seed)
     task.prepare(teacher, lambda *_: None)
-    errors = {}
+    errors, alone = {}, copy.deepcopy(teacher)  # one copy; each trained node visits it in turn
     for record in result.rewrites:
-        alone = copy.deepcopy(teacher)
-        set_submodule(alone, record["fqn"], student.get_submodule(record["fqn"]))
-        errors[record["fqn"]] = output_error(task, teacher, alone, batch_size)
+        fqn = record["fqn"]
+        original = alone.get_submodule(fqn)
+        set_submodule(alone, fqn, student.get_submodule(fqn))
+        errors[fqn] = output_error(task, teacher, alone, batch_size)
+        set_submodule(alone, fqn, original)
     return errors
 
 

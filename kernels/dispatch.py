@@ -7,8 +7,11 @@ GRAFTC_KERNELS = auto (default: Triton on CUDA tensors, the fast PyTorch path on
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 MODES = ("auto", "triton", "reference")
 
@@ -39,3 +42,36 @@ def interpreting() -> bool:
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+class LazyCompiled:
+    """torch.compile on first call; if compiling fails (no C++ compiler, unsupported platform), warn once and
+    run eagerly from then on (the fused CPU loops of hyena_conv and mamba2). Inputs are validated before this is
+    called, so a failure here is the compiler's.
+
+    Batch and length are dynamic from the start (no recompile per sequence length); channels and taps, fixed
+    per model, stay static. Each variant, dtype and size-1 batch or length still gets its own graph, so the
+    recompile limit is raised for these calls only."""
+
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name, self.compiled, self.failed = fn, name, None, False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, fullgraph=True)
+                args = [x.detach() if isinstance(x, Tensor) else x for x in args]  # no graphs per requires_grad
+                for x in args:
+                    if isinstance(x, Tensor) and x.dim() == 3:  # activations [B, L, C]
+                        torch._dynamo.maybe_mark_dynamic(x, 0)
+                        torch._dynamo.maybe_mark_dynamic(x, 1)
+                limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return self.compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure means: use eager
+                self.failed = True
+                warnings.warn(f"graftc {self.name}: torch.compile failed, running eagerly ({error!r})", stacklevel=2)
+        return self.fn(*args)

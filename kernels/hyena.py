@@ -15,7 +15,6 @@ Three implementations of the same maths, picked per call by `kernels.dispatch`:
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -138,40 +137,8 @@ def _torch_backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weigh
     return da.to(u.dtype), d_feat, d_bias, d_inner
 
 
-class _LazyCompiled:
-    """torch.compile on first call; if compiling fails (no C++ compiler, unsupported platform), warn once and
-    run eagerly from then on. Inputs are validated before this is called, so a failure here is the compiler's.
-
-    Batch and length are dynamic from the start (no recompile per sequence length); channels and taps, fixed
-    per model, stay static. Each variant, dtype and size-1 batch or length still gets its own graph, so the
-    recompile limit is raised for these calls only."""
-
-    RECOMPILE_LIMIT = 64
-
-    def __init__(self, fn: Callable):
-        self.fn, self.compiled, self.failed = fn, None, False
-
-    def __call__(self, *args):
-        if not self.failed:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, fullgraph=True)
-                args = [x.detach() if isinstance(x, Tensor) else x for x in args]  # no graphs per requires_grad
-                for x in args:
-                    if isinstance(x, Tensor) and x.dim() == 3:  # activations [B, L, C]
-                        torch._dynamo.maybe_mark_dynamic(x, 0)
-                        torch._dynamo.maybe_mark_dynamic(x, 1)
-                limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
-                with torch._dynamo.config.patch(recompile_limit=limit):
-                    return self.compiled(*args)
-            except Exception as error:  # noqa: BLE001 - any compiler failure means: use eager
-                self.failed = True
-                warnings.warn(f"graftc hyena_conv: torch.compile failed, running eagerly ({error!r})", stacklevel=2)
-        return self.fn(*args)
-
-
-_compiled_forward = _LazyCompiled(_torch_forward)
-_compiled_backward = _LazyCompiled(_torch_backward)
+_compiled_forward = dispatch.LazyCompiled(_torch_forward, "hyena_conv")
+_compiled_backward = dispatch.LazyCompiled(_torch_backward, "hyena_conv")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ Only `init: random`: the teacher's softmax attention has no counterpart of A, dt
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
+from graftc.kernels import dispatch
 from graftc.kernels.hyena import causal_conv1d
 from graftc.kernels.ssd import ssd
 from graftc.match import Region
@@ -103,28 +103,9 @@ def _epilogue(y, z, norm_weight):
     return y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(y.dtype) * norm_weight
 
 
-class _Compiled:
-    """torch.compile'd on first call, the sequence length dynamic; on any compiler failure (no C++ compiler,
-    unsupported platform) warn once and run eagerly from then on."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled, self.failed = fn, None, False
-
-    def __call__(self, first: torch.Tensor, *args):
-        if not self.failed:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, fullgraph=True)
-                torch._dynamo.maybe_mark_dynamic(first, 1)
-                return self.compiled(first, *args)
-            except Exception as error:  # noqa: BLE001 - any compiler failure means: use eager
-                self.failed = True
-                warnings.warn(f"graftc mamba2: torch.compile failed, running eagerly ({error!r})", stacklevel=2)
-        return self.fn(first, *args)
-
-
 _COMPILE_FROM = 1 << 20  # in_proj output elements; below this, compiling costs more than it saves
-_prologue_compiled, _epilogue_compiled = _Compiled(_prologue), _Compiled(_epilogue)
+_prologue_compiled = dispatch.LazyCompiled(_prologue, "mamba2")
+_epilogue_compiled = dispatch.LazyCompiled(_epilogue, "mamba2")
 
 
 class Mamba2Config(MixerConfig):
