@@ -1,7 +1,8 @@
 """One DiT-XL/2-shaped block (width 1152, 16 heads, MLP ratio 4), original vs grafted with each attention op.
 
-Every variant is timed side by side in one run: each repetition times every variant once, in turn, and the
-median per variant is reported, so load on this shared machine hits all of them alike. The FLOP-ideal speedup
+Every variant is timed side by side in one run: each repetition times every variant once, in turn. The
+speedup is the median over repetitions of the ratio within a repetition (the original and the graft ran
+seconds apart, so load on this shared machine hits both alike); the ms columns are medians per variant. The FLOP-ideal speedup
 is (FLOPs of the original block) / (FLOPs of the grafted block), both counted by torch's FlopCounterMode (the
 graftc kernels register their exact FLOP formulas: a window counts only the pairs it computes). The last
 column is how much of that ideal the measured speedup reaches.
@@ -52,9 +53,9 @@ def count_flops(model: torch.nn.Module, inputs: tuple) -> int:
     return counter.get_total_flops()
 
 
-def side_by_side(models: dict, inputs: tuple, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per forward of each model, interleaving the models within every repetition."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(models, inputs, reps, warmup).items()}
+def paired_speedup(times: dict[str, list[float]], base: str, other: str) -> float:
+    """Median over repetitions of base time / other time, each ratio from one repetition."""
+    return statistics.median(b / o for b, o in zip(times[base], times[other]))
 
 
 def interleaved_times(models: dict, inputs: tuple, reps: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -98,12 +99,14 @@ def main() -> None:
         models = {"original": block} | {op: grafted(block, inputs, OPS[op]) for op in args.ops}
         flops = {name: count_flops(m, inputs) for name, m in models.items()}
         reps = max(2, args.reps if tokens <= 4096 else args.reps // 2)
-        seconds = side_by_side(models, inputs, reps)
+        times = interleaved_times(models, inputs, reps)
+        seconds = {name: statistics.median(ts) for name, ts in times.items()}
         for op in args.ops:
-            speedup, ideal = seconds["original"] / seconds[op], flops["original"] / flops[op]
+            speedup, ideal = paired_speedup(times, "original", op), flops["original"] / flops[op]
             row = {"op": op, "tokens": tokens, "original_ms": 1e3 * seconds["original"], "graft_ms": 1e3 * seconds[op],
                    "speedup": speedup, "flop_ideal": ideal, "fraction_of_ideal": speedup / ideal,
-                   "original_gflop": flops["original"] / 1e9, "graft_gflop": flops[op] / 1e9, "reps": reps}
+                   "original_gflop": flops["original"] / 1e9, "graft_gflop": flops[op] / 1e9, "reps": reps,
+                   "all_ms": {"original": [1e3 * t for t in times["original"]], op: [1e3 * t for t in times[op]]}}
             rows.append(row)
             print(f"{op:<9} {tokens:>6} {row['original_ms']:>9.1f} {row['graft_ms']:>9.1f} {speedup:>7.2f}x "
                   f"{ideal:>6.2f}x {100 * speedup / ideal:>8.1f}%", flush=True)

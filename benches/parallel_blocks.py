@@ -27,7 +27,7 @@ import torch
 import graftc
 from graftc.models.dit import build_dit, example_inputs
 
-from block_speed import count_flops, interleaved_times  # same folder: the shared side-by-side timer
+from block_speed import count_flops, interleaved_times, paired_speedup  # same folder: the shared side-by-side timer
 
 PLAN = {"version": 1, "graft": [{"select": {"kind": "block_pair", "layers": "all"}, "replace": {"op": "parallel"}}]}
 CPU_TOLERANCE = 0.05  # fused may be at most 5% slower than the original on a CPU
@@ -94,7 +94,8 @@ def main() -> None:
         ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
         row = {"batch": batch, "tokens": int(inputs[0].shape[-1] // original.patch_size) ** 2,
                "original_ms": ms["original"], "fused_ms": ms["fused"], "reference_ms": ms["reference"],
-               "fused_speedup": ms["original"] / ms["fused"], "reference_speedup": ms["original"] / ms["reference"],
+               "fused_speedup": paired_speedup(times, "original", "fused"),
+               "reference_speedup": paired_speedup(times, "original", "reference"),
                "original_gflop": flops["original"] / 1e9, "parallel_gflop": flops["parallel"] / 1e9,
                "reps": args.reps, "all_ms": {k: [1e3 * t for t in v] for k, v in times.items()}}
         rows.append(row)

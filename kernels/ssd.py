@@ -156,10 +156,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 # precision however large c grows.
 #
 # Across chunks the recurrence is s_c+1 = f_c s_c + u_c (f_c = exp(c_last) per head, u_c = B^T (x dt
-# exp(c_last - c_j))), run as a log-depth (Hillis-Steele) scan: a few whole-segment multiply-adds instead
-# of one small op per chunk. Decay weights below _NEGLIGIBLE relative to what they scale are set to 0 (in
-# float64, before the cast): it changes nothing at fp32 precision, and keeps subnormal numbers, which x86
-# computes some 100x slower, out of the GEMMs and the scan. The sequence is processed in segments of about
+# exp(c_last - c_j))), one in-place multiply-add per chunk. Decay weights below _NEGLIGIBLE relative to
+# what they scale are set to 0 (in float64, before the cast): it changes nothing at fp32 precision, and
+# keeps subnormal numbers, which x86 computes some 100x slower, out of the GEMMs and the scan. The sequence is processed in segments of about
 # _SEGMENT_TOKENS tokens, so every temporary is a few MB: it stays in cache, and the allocator reuses it
 # instead of mapping new pages.
 
@@ -270,21 +269,15 @@ def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int)
         return t[:, tokens].reshape(batch, n, size, groups, state_size).transpose(0, 1).transpose(2, 3) \
             .reshape(gemms, size, state_size)
 
-    # Across chunks: S_0 = the entering state, S_c+1 = f_c S_c + u_c. Step d (1, 2, 4, ...) adds the
-    # f-products times S shifted by d, ping-ponging between two buffers (rows before d are complete).
+    # Across chunks: S_0 = the entering state, S_c+1 = f_c S_c + u_c, in place over the u_c. One multiply-add
+    # per chunk touches each state once; a log-depth scan was measured 15% slower here (it touches each
+    # log2(n) times, and the states are large: N x width).
     Bk, Ck = per_gemm(B), per_gemm(C)
     now = x.new_empty(n + 1, batch, groups, state_size, per_group, head_dim)
     now[0].copy_(state)
     torch.bmm(Bk.transpose(1, 2), scaled(s.scale_state), out=now[1:].view(gemms, state_size, width))  # u_c
-    factor = torch.cat([torch.ones_like(s.decay[:1]), s.decay[chunks]])  # [n + 1, ...]: f_c-1
-    other = torch.empty_like(now)
-    d = 1
-    while d <= n:
-        other[:d].copy_(now[:d])
-        torch.addcmul(now[d:], now[:-d], factor[d:], out=other[d:])
-        product = factor[d:] * factor[:-d]
-        factor = torch.cat([factor[:d], product.masked_fill_(product < _NEGLIGIBLE, 0.0)])
-        now, other, d = other, now, 2 * d
+    for c in range(n):
+        now[c + 1].addcmul_(now[c], s.decay[first + c])
 
     # y_i = exp(c_i) ((masked C.B^T) @ (x dt exp(-c_j)) + C_i . S_c) + D x_i, in out's own layout if it can.
     scores = torch.bmm(Ck, Bk.transpose(1, 2)).tril_()  # C_i . B_j for j <= i, shared by the group's heads
