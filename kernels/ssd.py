@@ -299,20 +299,20 @@ def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int)
 
 
 def _wild_within(s: _Scalars, chunks: slice, size: int, xv: Tensor, scores: Tensor):
-    """The within-chunk terms left out of the rank-one form: j (and so i >= j) past the rank-one range, in
-    segment-sum form as in ssd_chunked, for the segment's pairs that have such steps: (b, c, h, [W, i, p])."""
+    """The within-chunk terms left out of the rank-one form: j (and so i >= j) past the rank-one range, with
+    the decay exp(c_i - c_j) taken directly, for the segment's pairs that have such steps: (b, c, h, [W, i, p]).
+    In float64 the difference of the two cumsums is exact to far below fp32's precision (it is only in fp32,
+    under autograd, that ssd_chunked needs segment sums)."""
     batch, n, _, groups, per_group, head_dim = xv.shape
     b, c, h = s.wild[:, chunks].nonzero().unbind(1)
     g, r = h // per_group, h % per_group
     cum = s.cum[:, chunks, :size][b, c, :, h]  # [W, i], float64
-    log_decay = torch.cat([cum[:, :1], cum[:, 1:] - cum[:, :-1]], dim=1)  # a_i back (exact: a_i was added)
+    segment = cum[:, :, None] - cum[:, None, :]  # [W, i, j]: c_i - c_j = a_j+1 + ... + a_i
     causal = torch.ones(size, size, dtype=torch.bool, device=xv.device).tril()
-    segment = log_decay[:, :, None].expand(-1, size, size).masked_fill(~causal.tril(-1), 0.0)
-    segment = segment.cumsum(1)  # [W, i, j]: a_{j+1} + ... + a_i
-    keep = causal & (cum >= -_RANK_ONE_RANGE)[:, None, :].logical_not()  # j <= i, j past the range
-    segment = segment.masked_fill_(~keep | (segment < math.log(_NEGLIGIBLE)), float("-inf"))
+    keep = causal & (cum < -_RANK_ONE_RANGE)[:, None, :]  # j <= i, j past the range
+    segment = segment.masked_fill_(~keep | (segment < math.log(_NEGLIGIBLE)), float("-inf")).to(xv.dtype)
     x_dt = xv[b, c, :, g, r, :] * s.dt[:, chunks, :size][b, c, :, h].to(xv.dtype)[..., None]  # [W, j, p]
-    within = (scores[(c * batch + b) * groups + g] * torch.exp(segment).to(xv.dtype)) @ x_dt
+    within = (scores[(c * batch + b) * groups + g] * segment.exp_()) @ x_dt
     return b, c, h, within
 
 
