@@ -120,6 +120,8 @@ class Stage2(Strict):
     objective: Union[Literal["distill", "diffusion", "lm"], dict[Literal["distill", "diffusion", "lm"], float]] = Field(
         "distill", description="match the teacher's outputs (distill), the model's own loss (diffusion: noise "
                                "prediction; lm: next token), or a weighted sum such as {distill: 1, diffusion: 0.5}")
+    snr_gamma: float | None = Field(None, gt=0, description="diffusion models: weight each sample's loss by "
+                                    "min(1, gamma / SNR(t)) (Min-SNR), so near-clean timesteps stop dominating")
     lora: Lora | None = Field(None, description="train low-rank updates of the Linears instead of all weights")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
 

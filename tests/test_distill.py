@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -197,6 +198,24 @@ def test_batches_are_deterministic_and_shard_exactly():
     assert sum(b.size for b in task.val_batches(4)) == task.n_val == 2
 
 
+def test_min_snr_weights_follow_the_noise_level():
+    """min(1, gamma / SNR(t)): 1 where the sample is mostly noise, small near t = 0, never increasing as t falls;
+    the weighted losses scale each sample's own mean error."""
+    from graftc.distill.data import mse
+
+    task = make_task(load_model("dit:tiny"), parse_plan({"version": 1}).data, seed=0)
+    t = torch.tensor([0, 10, 100, 300, 600, 999])
+    batch = Batch((torch.zeros(6, 1, 8, 8), t, torch.zeros(6, dtype=torch.long)), {}, {"t": t})
+    weights = task.sample_weights(batch, snr_gamma=5.0)
+    a = task.alphas_cumprod[t]
+    torch.testing.assert_close(weights.double(), (5 * (1 - a) / a).clamp(max=1), rtol=1e-6, atol=0)
+    assert weights[0] < 1e-3 and weights[-1] == 1 and all(x <= y for x, y in zip(weights, weights[1:]))
+    a, b = torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8)
+    per_sample = (a - b).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(mse(a, b, weights), (weights * per_sample).mean())
+    torch.testing.assert_close(mse(a, b, torch.ones(6)), torch.nn.functional.mse_loss(a, b))
+
+
 def test_lora_merge_matches_the_adapter():
     base = torch.nn.Linear(6, 5)
     lora = LoraLinear(base, rank=2, alpha=4.0)
@@ -230,6 +249,11 @@ def test_objective_must_be_the_models_own(tmp_path, capsys):
     assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "objective" in err and "'lm' is not this model's own loss" in err and not (tmp_path / "out").exists()
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "swa"}}],
+                     {"steps": 1}, {"steps": 1, "snr_gamma": 5.0}, text=str(tmp_path / "text.txt"), seq_len=8)
+    assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "distill.stage2.snr_gamma" in err and "not a diffusion model" in err and not (tmp_path / "out").exists()
     plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "swa"}}],
                      {"steps": 1}, text=str(tmp_path / "text.txt"), seq_len=100)
     assert main(["compile", spec, str(plan), "-o", str(tmp_path / "out")]) == 2
@@ -266,10 +290,12 @@ def test_diffusers_dit_pipeline_folder(tmp_path):
     folder = tmp_path / "pipe"
     zoo.dit_pipeline(zoo.make_diffusers_dit()).save_pretrained(folder)
     plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [1]}, "replace": {"op": "hyena_x"}}],
-                     {"steps": 3}, {"steps": 2, "objective": "diffusion"})
+                     {"steps": 3}, {"steps": 2, "objective": "diffusion", "snr_gamma": 5.0})
     out = tmp_path / "out"
     assert main(["compile", str(folder), str(plan), "-o", str(out)]) == 0
-    assert manifest(out)["distill"]["stage1"][0]["steps_run"] == 3
+    m = manifest(out)
+    assert m["distill"]["stage1"][0]["steps_run"] == 3  # and stage 2 ran Min-SNR-weighted on the scheduler's a_t
+    assert m["distill"]["stage2"]["steps_run"] == 2 and math.isfinite(m["distill"]["stage2"]["final_loss"])
 
 
 def test_text_to_image_model_takes_prompt_embeddings(tmp_path, capsys):

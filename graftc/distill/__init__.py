@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from graftc.distill import checkpoint as ckpt
-from graftc.distill.data import make_task
+from graftc.distill.data import DiffusionTask, make_task
 from graftc.distill.logs import Scalars, plot_losses
 from graftc.distill.parallel import world as get_world
 from graftc.distill.stage1 import Stage1, build_nodes
@@ -61,6 +61,9 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
     student.to(w.device).eval()
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     task = make_task(loaded, plan.data, seed)
+    if cfg.stage2 is not None and cfg.stage2.snr_gamma and not isinstance(task, DiffusionTask):
+        raise GraftError(f"distill.stage2.snr_gamma: {loaded.spec} is not a diffusion model, so its samples have no "
+                         "noise level to weight by; remove snr_gamma")
     digest = plan_hash(plan, seed, loaded.spec)
     state = ckpt.load(workdir) if resume and w.main else None
     if resume and w.main and state is None:

@@ -120,11 +120,12 @@ class Task:
     def output(self, out) -> torch.Tensor:
         return first_tensor(out)
 
-    def own_loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def own_loss(self, output: torch.Tensor, batch: Batch, weights: torch.Tensor | None = None) -> torch.Tensor:
         raise GraftError(f"{self.name}: this model has no training objective of its own; use objective: distill")
 
-    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(student.float(), teacher.float())
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+        return mse(student, teacher, weights)
 
     # -- quality -------------------------------------------------------------------
     def quality(self, model: torch.nn.Module) -> float | None:
@@ -160,11 +161,26 @@ class Task:
 
 
 # ------------------------------------------------------------------------ diffusion models
+def mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with weights [B], each sample's mean error scaled by its weight."""
+    if weights is None:
+        return F.mse_loss(a.float(), b.float())
+    per_sample = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return (weights.to(per_sample) * per_sample).mean()
+
+
 class DiffusionTask(Task):
     """Class- or text-conditional denoisers: teacher samples -> noisy latents x_t at random timesteps."""
 
     name = "diffusion"
     own_objective = "diffusion"
+    alphas_cumprod: torch.Tensor  # the training schedule's a_t, indexed by timestep
+
+    def sample_weights(self, batch, snr_gamma):
+        """Min-SNR weights min(1, gamma / SNR(t)), SNR = a_t / (1 - a_t), for noise-prediction losses: near-clean
+        timesteps, whose noise errors barely move a sample, stop dominating the loss."""
+        a = self.alphas_cumprod.double()[batch.target["t"].cpu().long()]
+        return (snr_gamma * (1 - a) / a).clamp(max=1.0).float()
 
     label_key = "y"  # where make() finds a sample's class label
 
@@ -243,9 +259,9 @@ class DiffusionTask(Task):
         order = torch.randperm(len(y), generator=generator(self.seed, "images"))
         return x0[order].contiguous(), y[order].long()
 
-    def own_loss(self, output, batch):
+    def own_loss(self, output, batch, weights=None):
         noise = batch.target["noise"]
-        return F.mse_loss(output[:, : noise.shape[1]].float(), noise.float())
+        return mse(output[:, : noise.shape[1]], noise, weights)
 
 
 class DiTTask(DiffusionTask):
@@ -258,6 +274,7 @@ class DiTTask(DiffusionTask):
 
         super().__init__(loaded, data, seed)
         self.diffusion = Diffusion()
+        self.alphas_cumprod = self.diffusion.alphas_cumprod
 
     def image_spec(self, teacher):
         return (teacher.in_channels, teacher.input_size, teacher.input_size), teacher.num_classes
@@ -275,7 +292,7 @@ class DiTTask(DiffusionTask):
         t = torch.randint(self.diffusion.num_timesteps, (len(index),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x_t = self.diffusion.add_noise(x0, noise, t)
-        return Batch((x_t, t, y), {}, {"noise": noise})
+        return Batch((x_t, t, y), {}, {"noise": noise, "t": t})
 
     def quality(self, model):
         if not self.loaded.spec.startswith("demo:") or not self.data.fd_samples:
@@ -302,6 +319,7 @@ class DiffusersTask(DiffusionTask):
         self.text = "encoder_hidden_states" in loaded.kwargs
         self.prompts = self._prompts() if self.text else None
         self.scheduler = self._scheduler()
+        self.alphas_cumprod = self.scheduler.alphas_cumprod
 
     def _prompts(self) -> dict[str, torch.Tensor]:
         if not self.data.prompt_embeds:
@@ -382,7 +400,7 @@ class DiffusersTask(DiffusionTask):
         t = torch.randint(self.scheduler.config.num_train_timesteps, (len(index),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        return Batch((), self._inputs(x_t, t, self._condition(rows)), {"noise": noise})
+        return Batch((), self._inputs(x_t, t, self._condition(rows)), {"noise": noise, "t": t})
 
 
 # ------------------------------------------------------------------------ language models and encoders
@@ -432,14 +450,14 @@ class TextTask(Task):
         logits = getattr(out, "logits", None)
         return logits if logits is not None else first_tensor(out)
 
-    def distill_loss(self, student, teacher):
+    def distill_loss(self, student, teacher, weights=None):
         if not self.causal:
             return super().distill_loss(student, teacher)
         # matching next-token distributions: KL(teacher || student), per token
         return F.kl_div(F.log_softmax(student.float(), -1).flatten(0, -2), F.log_softmax(teacher.float(), -1).flatten(0, -2),
                         log_target=True, reduction="batchmean")
 
-    def own_loss(self, output, batch):
+    def own_loss(self, output, batch, weights=None):
         if not self.causal:
             return super().own_loss(output, batch)
         ids = batch.target["input_ids"]

@@ -114,14 +114,15 @@ class Stage2:
     def loss(self, batch) -> torch.Tensor:
         with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.task.output(self.model(*batch.args, **batch.kwargs))
+            weights = self.task.sample_weights(batch, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
             total = 0.0
             for name, weight in self.weights.items():
                 if name == "distill":
                     with torch.no_grad():
                         target = self.task.output(self.teacher(*batch.args, **batch.kwargs))
-                    part = self.task.distill_loss(out, target)
+                    part = self.task.distill_loss(out, target, weights)
                 else:
-                    part = self.task.own_loss(out, batch)
+                    part = self.task.own_loss(out, batch, weights)
                 total = total + weight * part
         return total
 
