@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 MODES = ("auto", "triton", "reference")
 
@@ -32,6 +33,13 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def use_reference() -> bool:
     return mode() == "reference"
+
+
+def plain_cpu_inference(x: Tensor) -> bool:
+    """Eager CPU inference, nothing watching: no autograd, no tracing or export, no dispatch mode (such as
+    FlopCounterMode, which must count the reference path's arithmetic). Where CPU-only fused paths may run."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
 
 
 def interpreting() -> bool:

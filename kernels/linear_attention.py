@@ -183,6 +183,10 @@ class HedgehogFeatureMap(nn.Module):
         weight = self.weight if scale is None else self.weight * scale
         weight = torch.cat([weight, -weight], dim=-1)  # [H, d, 2d]
         bias = torch.cat([self.bias, -self.bias], dim=-1)[:, None, :]  # [H, 1, 2d]
+        if x.dim() == 4 and x.shape[0] == 1 and x.shape[1] == weight.shape[0]:
+            # [1, H, N, d]: one batched GEMM over the heads, reading x where it lies: BLAS takes a strided view
+            # of the qkv projection (row stride 3 H d) as it is, where flattening it below would copy it.
+            return torch.softmax(torch.baddbmm(bias, x[0], weight), dim=-1)[None]
         if x.dim() == 4 and x.shape[1] == weight.shape[0]:  # [B, H, N, d]: one batched GEMM with the bias fused
             batch, heads, tokens, dim = x.shape
             z = torch.baddbmm(bias.expand(batch, -1, -1, -1).reshape(batch * heads, 1, -1),

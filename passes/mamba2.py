@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from graftc.kernels import dispatch
 from graftc.kernels.hyena import causal_conv1d
@@ -43,7 +42,7 @@ class Mamba2Mixer(torch.nn.Module):
         self.out_proj = linear(self.inner, out_width, has_bias=False, **like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _plain_inference(x):
+        if dispatch.plain_cpu_inference(x):
             return self._inference(x)
         batch, length = x.shape[0], x.shape[-2]
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
@@ -76,13 +75,6 @@ class Mamba2Mixer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, d_state={self.d_state}, groups={self.groups}"
-
-
-def _plain_inference(x: torch.Tensor) -> bool:
-    """Eager CPU inference, nothing watching: no autograd, no tracing or export, no dispatch mode (such as
-    FlopCounterMode, which then counts the reference path's identical arithmetic, F.conv1d included)."""
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and _current_dispatch_mode() is None)
 
 
 def _prologue(proj, conv_weight, conv_bias, dt_bias, inner: int, conv_channels: int):
