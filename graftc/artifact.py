@@ -21,11 +21,24 @@ from graftc.plan import dump_plan
 FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
 
 
+def check_parent(out: Path) -> None:
+    """Missing folders above `out` are fine (they are made when it is written); a file in the way is not."""
+    ancestor = next(p for p in Path(out).absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise GraftError(f"output {out}: {ancestor} is a file, so no folder can be made under it")
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise GraftError(f"output {out} already exists (use --force to replace it)")
-    if not out.parent.exists():
-        raise GraftError(f"output folder's parent {out.parent} does not exist")
+    check_parent(out)
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh hidden folder beside `out` (parents made as needed): outputs are written there, then renamed to
+    `out`, so a failure never leaves a half-written `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
 def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, force: bool = False,
@@ -35,7 +48,7 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
 
     out = Path(out)
     check_out_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         save_model(result.model, str(tmp / "model.safetensors"))
         (tmp / "plan.yaml").write_text(dump_plan(result.plan))

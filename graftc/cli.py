@@ -91,10 +91,9 @@ def _print_quality(quality: dict, speed: dict) -> None:
 
 def _sweep(args) -> int:
     import shutil
-    import tempfile
     from pathlib import Path
 
-    from graftc import sweep
+    from graftc import artifact, sweep
     from graftc.artifact import check_out_dir
     from graftc.plan import parse_plan
 
@@ -112,7 +111,7 @@ def _sweep(args) -> int:
     check_out_dir(out, args.force)
     rows = sweep.sweep(args.model, ops, ratios, strategies, args.steps, args.batch_size, data, args.seed,
                        log=lambda line: print(line, flush=True))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = artifact.staging_dir(out)
     try:
         front = sweep.write_outputs(rows, tmp)
         if out.exists():
@@ -135,10 +134,9 @@ def _plan_schema(args) -> int:
 
 def _analyze(args) -> int:
     import shutil
-    import tempfile
     from pathlib import Path
 
-    from graftc import analysis
+    from graftc import analysis, artifact
     from graftc.artifact import check_out_dir
     from graftc.compiler import inspect_regions
     from graftc.distill.data import make_task
@@ -173,7 +171,7 @@ def _analyze(args) -> int:
     result = analysis.analyze(loaded.model, task, ks, regions=regions, windows=windows, block=args.block,
                               n_batches=args.batches, batch_size=args.batch_size, progress=note)
     result = {"model": args.model, "family": loaded.family, "seed": args.seed, "batch_size": args.batch_size, **result}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = artifact.staging_dir(out)
     try:
         analysis.write_outputs(result, tmp)
         if out.exists():
@@ -191,6 +189,7 @@ def _analyze(args) -> int:
     if args.emit_plan:
         order = analysis.layer_order(result, analysis.default_k(result)) if result["attention"] else None
         emit = emitted_plan(args.op, args.ratio, args.strategy, order)
+        Path(args.emit_plan).parent.mkdir(parents=True, exist_ok=True)
         Path(args.emit_plan).write_text(emit)
         print(f"wrote {args.emit_plan}")
     return 0
@@ -225,8 +224,8 @@ def _eval(args) -> int:
         raise GraftError(f"--steps: must be at least 1 (got {args.steps})")
     if args.cfg < 0:
         raise GraftError(f"--cfg: must be at least 0 (got {args.cfg})")
-    if args.output and not Path(args.output).parent.exists():
-        raise GraftError(f"-o: folder {Path(args.output).parent} does not exist")
+    if args.output:
+        artifact.check_parent(Path(args.output))
     target = Path(args.target)
     if target.is_dir() and (target / "manifest.json").is_file():  # an artifact: its base model is the teacher
         base = artifact.read_manifest(target).get("base", {}).get("spec", "")
@@ -247,6 +246,7 @@ def _eval(args) -> int:
                                text=args.text, cache=args.cache, log=note)
     result = {"target": args.target, "teacher": teacher["spec"] if teacher else None, "family": loaded.family, **result}
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else evaluate.table(result))
     return 0

@@ -346,11 +346,18 @@ def test_out_exists_without_force_is_left_untouched(tmp_path, out, capsys):
     assert _temp_siblings(out) == []
 
 
-def test_out_parent_missing(tmp_path, capsys):
-    plan = _write_plan(tmp_path, OK_PLAN)
+def test_out_parents_are_made_only_for_a_real_output(tmp_path, capsys):
+    """`-o runs/demo` on a fresh clone: missing parents are made when the artifact is written, not on bad input;
+    a file standing where a parent folder should be is bad input."""
     out = tmp_path / "no" / "such" / "dir"
-    assert_bad_input(["compile", MODEL, plan, "-o", out], out, capsys, "parent", str(out.parent), "does not exist")
+    assert_bad_input(["compile", MODEL, _write_plan(tmp_path, "version: 1\ngraft: 3\n"), "-o", out], out, capsys, "graft")
     assert not (tmp_path / "no").exists()
+    assert main(["compile", MODEL, str(_write_plan(tmp_path, OK_PLAN)), "-o", str(out)]) == 0
+    assert (out / "manifest.json").is_file() and _temp_siblings(out) == []
+    (tmp_path / "file").write_text("x")
+    blocked = tmp_path / "file" / "out"
+    assert_bad_input(["compile", MODEL, _write_plan(tmp_path, OK_PLAN), "-o", blocked], blocked, capsys,
+                     str(tmp_path / "file"), "is a file")
 
 
 def test_bad_input_with_existing_out_and_force_keeps_old_out(tmp_path, out, capsys):
