@@ -292,29 +292,33 @@ def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int)
         torch.mul(y.view(n, batch, groups, size, per_group, head_dim).permute(1, 0, 3, 2, 4, 5),
                   s.scale_out[:, chunks, :size], out=outv)
     if s.wild is not None and bool(s.wild[:, chunks].any()):
-        b, c, h, within = _wild_within(s, chunks, size, xv, scores)
-        outv.view(batch, n, size, heads, head_dim).permute(0, 1, 3, 2, 4).index_put_((b, c, h), within, accumulate=True)
+        b, c, h, first_wild, within = _wild_within(s, chunks, size, xv, scores)
+        outv.view(batch, n, size, heads, head_dim).permute(0, 1, 3, 2, 4)[..., first_wild:, :] \
+            .index_put_((b, c, h), within, accumulate=True)
     outv.addcmul_(xv, D)
     return now[n]
 
 
 def _wild_within(s: _Scalars, chunks: slice, size: int, xv: Tensor, scores: Tensor):
     """The within-chunk terms left out of the rank-one form: j (and so i >= j) past the rank-one range, with
-    the decay exp(c_i - c_j) taken directly, for the segment's pairs that have such steps: (b, c, h, [W, i, p]).
-    In float64 the difference of the two cumsums is exact to far below fp32's precision (it is only in fp32,
-    under autograd, that ssd_chunked needs segment sums)."""
+    the decay exp(c_i - c_j) taken directly, for the segment's pairs that have such steps. Steps before the
+    first one past the range (in any of these pairs) have no such terms, so only the steps from there on are
+    computed. Returns (b, c, h, that first step, [W, steps from it, p]). In float64 the difference of the two
+    cumsums is exact to far below fp32's precision (only in fp32, under autograd, does ssd_chunked need segment
+    sums)."""
     batch, n, _, groups, per_group, head_dim = xv.shape
     b, c, h = s.wild[:, chunks].nonzero().unbind(1)
     g, r = h // per_group, h % per_group
     cum = s.cum[:, chunks, :size][b, c, :, h]  # [W, i], float64
+    beyond = cum < -_RANK_ONE_RANGE
+    first = int(beyond.any(0).nonzero()[0])
+    cum, beyond = cum[:, first:], beyond[:, first:]
     segment = cum[:, :, None] - cum[:, None, :]  # [W, i, j]: c_i - c_j = a_j+1 + ... + a_i
-    causal = torch.ones(size, size, dtype=torch.bool, device=xv.device).tril()
-    keep = causal & (cum < -_RANK_ONE_RANGE)[:, None, :]  # j <= i, j past the range
+    keep = torch.ones(size - first, size - first, dtype=torch.bool, device=xv.device).tril() & beyond[:, None, :]
     segment = segment.masked_fill_(~keep | (segment < math.log(_NEGLIGIBLE)), float("-inf")).to(xv.dtype)
-    x_dt = xv[b, c, :, g, r, :] * s.dt[:, chunks, :size][b, c, :, h].to(xv.dtype)[..., None]  # [W, j, p]
-    within = (scores[(c * batch + b) * groups + g] * segment.exp_()) @ x_dt
-    return b, c, h, within
-
+    x_dt = xv[b, c, first:, g, r, :] * s.dt[:, chunks, first:size][b, c, :, h].to(xv.dtype)[..., None]  # [W, j, p]
+    within = (scores[(c * batch + b) * groups + g][:, first:, first:] * segment.exp_()) @ x_dt
+    return b, c, h, first, within
 
 def _run(x, dt, A, B, C, D, chunk, initial_state, differentiable: bool = False):
     """The implementation the current GRAFTC_KERNELS mode selects, returning (y, final state). The backward
