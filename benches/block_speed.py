@@ -9,6 +9,7 @@ column is how much of that ideal the measured speedup reaches.
 
     python benches/block_speed.py                       # tokens 1024 4096 16384, every op
     python benches/block_speed.py --tokens 1024 --ops hyena_x swa --reps 5
+    python benches/block_speed.py --pool benches/results/block_speed_cpu_paired_run*.json   # runs pooled
 """
 from __future__ import annotations
 
@@ -74,6 +75,20 @@ def interleaved_times(models: dict, inputs: tuple, reps: int, warmup: int = 2) -
     return times
 
 
+def pooled(paths: list[str]) -> None:
+    """Median fraction of FLOP-ideal over every repetition of several saved runs: single runs on a shared
+    machine scatter by +-5 points; the pooled median is the steadier figure."""
+    fractions: dict[tuple[str, int], list[float]] = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["rows"]:
+            times = row["all_ms"]
+            fractions.setdefault((row["op"], row["tokens"]), []).extend(
+                o / g / row["flop_ideal"] for o, g in zip(times["original"], times[row["op"]]))
+    print(f"{len(paths)} runs pooled\n{'op':<9} {'tokens':>6} {'reps':>5} {'of ideal':>9}")
+    for (op, tokens), values in fractions.items():
+        print(f"{op:<9} {tokens:>6} {len(values):>5} {100 * statistics.median(values):>8.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -83,7 +98,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     parser.add_argument("--out", default=None, help="default benches/results/block_speed_DEVICE.json")
+    parser.add_argument("--pool", nargs="+", metavar="JSON", help="measure nothing: pool these saved runs")
     args = parser.parse_args()
+    if args.pool:
+        return pooled(args.pool)
 
     torch.manual_seed(0)
     device, dtype = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
