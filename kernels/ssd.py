@@ -149,7 +149,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 # its state contribution and its read of the carried state are one GEMM each over all the group's heads
 # ([Q, Q] @ [Q, r*P], [N, Q] @ [Q, r*P], [Q, N] @ [N, r*P]): no [heads, Q, Q] tensor is ever formed. Steps
 # past _RANK_ONE_RANGE e-folds of decay into their chunk would push exp(-c_j) towards fp32's limit, so their
-# within-chunk terms (all with i and j past it) take the segment-sum form instead, on that subset only. Every
+# within-chunk terms (all with i and j past it) take exp(c_i - c_j) directly instead, on that subset only. Every
 # choice depends on steps <= i only (the reference is the chunk's start, not its end), so an output never
 # changes, not even in its last bit, when a later input does. The cumsums and exponents are computed in
 # float64: they are [L, H] scalars (1/P of the activations), and the wider type keeps them exact to fp32
@@ -158,9 +158,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 # Across chunks the recurrence is s_c+1 = f_c s_c + u_c (f_c = exp(c_last) per head, u_c = B^T (x dt
 # exp(c_last - c_j))), one in-place multiply-add per chunk. Decay weights below _NEGLIGIBLE relative to
 # what they scale are set to 0 (in float64, before the cast): it changes nothing at fp32 precision, and
-# keeps subnormal numbers, which x86 computes some 100x slower, out of the GEMMs and the scan. The sequence is processed in segments of about
-# _SEGMENT_TOKENS tokens, so every temporary is a few MB: it stays in cache, and the allocator reuses it
-# instead of mapping new pages.
+# keeps subnormal numbers, which x86 computes some 100x slower, out of the GEMMs and the scan. The sequence
+# is processed in segments of about _SEGMENT_TOKENS tokens, so every temporary is a few MB: it stays in
+# cache, and the allocator reuses it instead of mapping new pages.
 
 _RANK_ONE_RANGE = 60.0  # input factors up to exp(60) ~ 1e26: far from fp32's 3e38, no sum overflows
 _NEGLIGIBLE = 1e-20
@@ -303,7 +303,8 @@ def _wild_within(s: _Scalars, chunks: slice, size: int, xv: Tensor, scores: Tens
     """The within-chunk terms left out of the rank-one form: j (and so i >= j) past the rank-one range, with
     the decay exp(c_i - c_j) taken directly, for the segment's pairs that have such steps. Steps before the
     first one past the range (in any of these pairs) have no such terms, so only the steps from there on are
-    computed. Returns (b, c, h, that first step, [W, steps from it, p]). In float64 the difference of the two
+    computed; that first step is the same for every later input wherever it is <= i, so causality stays
+    bit-exact. Returns (b, c, h, that first step, [W, steps from it, p]). In float64 the difference of the two
     cumsums is exact to far below fp32's precision (only in fp32, under autograd, does ssd_chunked need segment
     sums)."""
     batch, n, _, groups, per_group, head_dim = xv.shape

@@ -58,6 +58,14 @@ def first_tensor(output: Any) -> torch.Tensor:
     raise GraftError(f"cannot find a tensor in an output of type {type(output).__name__}")
 
 
+def mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with weights [B], each sample's mean error scaled by its weight."""
+    if weights is None:
+        return F.mse_loss(a.float(), b.float())
+    per_sample = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return (weights.to(per_sample) * per_sample).mean()
+
+
 def cache_root(setting: str | None) -> Path:
     return Path(setting or os.environ.get("GRAFTC_CACHE") or Path.home() / ".cache" / "graftc").expanduser()
 
@@ -161,14 +169,6 @@ class Task:
 
 
 # ------------------------------------------------------------------------ diffusion models
-def mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error; with weights [B], each sample's mean error scaled by its weight."""
-    if weights is None:
-        return F.mse_loss(a.float(), b.float())
-    per_sample = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return (weights.to(per_sample) * per_sample).mean()
-
-
 class DiffusionTask(Task):
     """Class- or text-conditional denoisers: teacher samples -> noisy latents x_t at random timesteps."""
 
