@@ -355,30 +355,44 @@ def locality_ranking(model: torch.nn.Module, source, regions, n_batches: int = 2
             "band_mass": {a["index"]: a["band_mass"][str(k)] for a in result["attention"]}}
 
 
-def cached_locality(loaded, data, seed: int):
-    """A `locality` provider for graftc.compile: the ranking on the model's own data (as `graftc analyze`
-    measures it), cached as JSON under the data cache, keyed by the weights and the data settings."""
+def cached_json(cache: str | None, kind: str, key: list, make, log=None) -> dict:
+    """`make()`'s result, cached as <cache root>/analysis/<kind>-<hash of key>.json (written atomically) and
+    read back from there on later calls with the same key."""
     import hashlib
     import json
     import os
 
-    from graftc.distill.data import cache_root, make_task
+    from graftc.distill.data import cache_root
+
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    path = cache_root(cache) / "analysis" / f"{kind}-{digest}.json"
+    if path.is_file():
+        if log:
+            log(f"{kind}: using the cached measurement {path}")
+        return json.loads(path.read_text())
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
+def cached_locality(loaded, data, seed: int):
+    """A `locality` provider for graftc.compile: the ranking on the model's own data (as `graftc analyze`
+    measures it), cached as JSON under the data cache, keyed by the weights and the data settings."""
+    from graftc.distill.data import make_task
     from graftc.spec import weights_hash
+
+    def measure(model, regions) -> dict:
+        task = make_task(loaded, data.model_copy(update={"fd_samples": 0}), seed)
+        task.prepare(model, lambda *_: None)
+        return locality_ranking(model, task, regions, n_batches=4, batch_size=8)
 
     def rank(model, regions) -> dict:
         settings = data.model_dump(mode="json", exclude={"fd_samples", "cache"})
-        key = hashlib.sha256(json.dumps([weights_hash(model), settings, seed]).encode()).hexdigest()[:16]
-        path = cache_root(data.cache) / "analysis" / f"locality-{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        task = make_task(loaded, data.model_copy(update={"fd_samples": 0}), seed)
-        task.prepare(model, lambda *_: None)
-        result = locality_ranking(model, task, regions, n_batches=4, batch_size=8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
-        return json.loads(path.read_text())
+        return cached_json(data.cache, "locality", [weights_hash(model), settings, seed],
+                           lambda: measure(model, regions))
 
     return rank
 

@@ -34,6 +34,12 @@ def check_out_dir(out: Path, force: bool) -> None:
     check_parent(out)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a small output file, making missing parent folders (checked by check_parent beforehand)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def staging_dir(out: Path) -> Path:
     """A fresh hidden folder beside `out` (parents made as needed): outputs are written there, then renamed to
     `out`, so a failure never leaves a half-written `out`."""

@@ -94,7 +94,6 @@ def _sweep(args) -> int:
     from pathlib import Path
 
     from graftc import artifact, sweep
-    from graftc.artifact import check_out_dir
     from graftc.plan import parse_plan
 
     ops = sweep.parse_list(args.ops, "--ops")
@@ -108,7 +107,7 @@ def _sweep(args) -> int:
                 parse_plan(sweep.candidate_plan(op, ratio, strategy, args.steps, args.batch_size, data),
                            f"sweep candidate {op}/{ratio}/{strategy}")
     out = Path(args.output)
-    check_out_dir(out, args.force)
+    artifact.check_out_dir(out, args.force)
     rows = sweep.sweep(args.model, ops, ratios, strategies, args.steps, args.batch_size, data, args.seed,
                        log=lambda line: print(line, flush=True))
     tmp = artifact.staging_dir(out)
@@ -137,7 +136,6 @@ def _analyze(args) -> int:
     from pathlib import Path
 
     from graftc import analysis, artifact
-    from graftc.artifact import check_out_dir
     from graftc.compiler import inspect_regions
     from graftc.distill.data import make_task
     from graftc.plan import parse_plan
@@ -153,10 +151,10 @@ def _analyze(args) -> int:
     if args.samples < 2:
         raise GraftError(f"--samples: must be at least 2 (got {args.samples})")
     out = Path(args.output)
-    check_out_dir(out, args.force)
+    artifact.check_out_dir(out, args.force)
     if args.emit_plan:  # the plan's op, ratio and strategy are checked before any model is loaded
         emit = emitted_plan(args.op, args.ratio, args.strategy, None)
-        check_out_dir(Path(args.emit_plan), args.force)
+        artifact.check_out_dir(Path(args.emit_plan), args.force)
     loaded = load_model(args.model, seed=args.seed)
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch_cuda():
@@ -189,8 +187,7 @@ def _analyze(args) -> int:
     if args.emit_plan:
         order = analysis.layer_order(result, analysis.default_k(result)) if result["attention"] else None
         emit = emitted_plan(args.op, args.ratio, args.strategy, order)
-        Path(args.emit_plan).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.emit_plan).write_text(emit)
+        artifact.write_text(Path(args.emit_plan), emit)
         print(f"wrote {args.emit_plan}")
     return 0
 
@@ -246,8 +243,7 @@ def _eval(args) -> int:
                                text=args.text, cache=args.cache, log=note)
     result = {"target": args.target, "teacher": teacher["spec"] if teacher else None, "family": loaded.family, **result}
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        artifact.write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else evaluate.table(result))
     return 0
 

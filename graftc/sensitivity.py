@@ -11,9 +11,6 @@ locality alone would take layer 1 (benches/RESULTS.md).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -66,29 +63,25 @@ def provider(loaded, data, seed: int, steps: int = STEPS, log=print):
     """A `sensitivity` provider for graftc.compile: ranks the model's attention layers, least
     sensitive first, for the step's operator; cached as JSON under the data cache, keyed by the weights, the
     operator, the data settings, the seed and the steps."""
-    from graftc.distill.data import cache_root
+    from graftc.analysis import cached_json
     from graftc.spec import weights_hash
 
     def rank(model, regions, replace) -> dict:
         pool = [r for r in regions if r.kind == "attention"]
         fqns = [r.fqn for r in pool]  # a layer an earlier step rewrote is measured only if it still matches attention
+
+        def ranking() -> dict:
+            log(f"sensitivity: {replace.op} in each of {len(fqns)} attention layers alone, after {steps} "
+                "stage-1 steps")
+            errors = measure(loaded, model, fqns, replace, data, seed, steps)
+            position = {r.fqn: i for i, r in enumerate(pool)}
+            order = sorted((position[f] for f in errors), key=lambda i: errors[pool[i].fqn])
+            log("sensitivity: least sensitive first " + ", ".join(f"{i} ({errors[pool[i].fqn]:.3g})" for i in order))
+            return {"op": replace.op, "steps": steps, "order": order,
+                    "output_mse": {str(position[f]): e for f, e in errors.items()}}
+
         settings = data.model_dump(mode="json", exclude={"fd_samples", "cache"})
-        key = json.dumps([weights_hash(model), replace.model_dump(mode="json"), settings, seed, steps, fqns])
-        path = cache_root(data.cache) / "analysis" / f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-        if path.is_file():
-            log(f"sensitivity: using the cached measurement {path}")
-            return json.loads(path.read_text())
-        log(f"sensitivity: {replace.op} in each of {len(fqns)} attention layers alone, after {steps} stage-1 steps")
-        errors = measure(loaded, model, fqns, replace, data, seed, steps)
-        position = {r.fqn: i for i, r in enumerate(pool)}
-        order = sorted((position[f] for f in errors), key=lambda i: errors[pool[i].fqn])
-        result = {"op": replace.op, "steps": steps, "order": order,
-                  "output_mse": {str(position[f]): e for f, e in errors.items()}}
-        log("sensitivity: least sensitive first " + ", ".join(f"{i} ({errors[pool[i].fqn]:.3g})" for i in order))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
-        return result
+        key = [weights_hash(model), replace.model_dump(mode="json"), settings, seed, steps, fqns]
+        return cached_json(data.cache, "sensitivity", key, ranking, log)
 
     return rank

@@ -51,9 +51,7 @@ class Mamba2Mixer(torch.nn.Module):
         y = ssd(xs.reshape(batch, length, self.heads, self.head_dim), F.softplus(dt + self.dt_bias),
                 -torch.exp(self.A_log.float()), b.reshape(batch, length, self.groups, self.d_state),
                 c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk)
-        y = y.reshape(batch, length, self.inner).to(x.dtype) * F.silu(z)
-        y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(y.dtype) * self.norm_weight
-        return self.out_proj(y)
+        return self.out_proj(_epilogue(y.reshape(batch, length, self.inner).to(x.dtype), z, self.norm_weight))
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         """forward on CPU without autograd: the same maths in fewer passes over memory. The conv runs as

@@ -175,14 +175,13 @@ class DiffusionTask(Task):
     name = "diffusion"
     own_objective = "diffusion"
     alphas_cumprod: torch.Tensor  # the training schedule's a_t, indexed by timestep
+    label_key = "y"  # where make() finds a sample's class label
 
     def sample_weights(self, batch, snr_gamma):
         """Min-SNR weights min(1, gamma / SNR(t)), SNR = a_t / (1 - a_t), for noise-prediction losses: near-clean
         timesteps, whose noise errors barely move a sample, stop dominating the loss."""
         a = self.alphas_cumprod.double()[batch.target["t"].cpu().long()]
         return (snr_gamma * (1 - a) / a).clamp(max=1.0).float()
-
-    label_key = "y"  # where make() finds a sample's class label
 
     def prepare(self, teacher, log=print) -> None:
         from graftc.spec import weights_hash
