@@ -104,7 +104,7 @@ def _projection(region, model):
         raise GraftError("no q/k projection Linears found")
     if not (isinstance(q_mod, torch.nn.Linear) and isinstance(k_mod, torch.nn.Linear)):
         raise GraftError("the q/k projections are not Linear modules")
-    teacher = teacher_attention(region, model)
+    teacher = teacher_attention(region, model, repeat_kv=True)
     inner = teacher.heads * teacher.head_dim
     w, b = teacher.qkv_weight, teacher.qkv_bias
     return (q_mod, k_mod, w[:inner], None if b is None else b[:inner], w[inner:2 * inner],

@@ -14,7 +14,7 @@ from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
 from graftc.match import Region, find_regions
 from graftc.plan import LOCALITY_STRATEGIES, SENSITIVITY_STRATEGY, parse_plan, select_regions
 from graftc.rules import rules_by_op, set_submodule
-from graftc.site import probe
+from graftc.site import probe, record_layers
 from graftc.trace import trace
 
 
@@ -140,6 +140,7 @@ def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=Non
         state.locality = locality or (lambda m, regions: _example_locality(m, regions, state.args, state.kwargs))
     state.sensitivity = sensitivity
     reports = run_passes(state, build_passes(plan), progress)
+    record_layers(state.model)
     return GraftResult(state.model, state.regions, state.rewrites, reports, plan)
 
 
@@ -165,6 +166,7 @@ def replay(model: torch.nn.Module, rewrites: list[dict]) -> torch.nn.Module:
             raise GraftError(f"manifest rewrite {i}: unknown rule {record.get('rule')!r} (this graftc has: {', '.join(rules)})")
         config = rule.config.model_validate(record["config"])
         apply_rewrite(model, Region.from_json(record["region"]), config, f"manifest rewrite {i}")
+    record_layers(model)
     return model
 
 

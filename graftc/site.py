@@ -1,11 +1,17 @@
-"""Where a new operator plugs in: the call signature of the module it replaces, and the token grid.
+"""Where a new operator plugs in: the call of the module it replaces, and the token grid.
 
 A new operator maps the region's input [B, N, D] to its output [B, N, D']. The user's code, however, calls the
 cover's first module with its own signature and expects its own output structure: diffusers'
-`Attention(hidden_states, encoder_hidden_states=None, ...) -> tensor`, Qwen3's
-`self_attn(hidden_states, position_embeddings, attention_mask, ...) -> (out, weights)`, BERT's self-attention
-returning a tuple. `probe` watches one shape-only forward and writes what it saw into `region.attrs["site"]`
-(JSON, so a saved artifact replays without probing); `Site` is the adapter built from that record.
+`Attention(hidden_states, encoder_hidden_states=None, ...) -> tensor`, Llama's
+`self_attn(hidden_states, position_embeddings, attention_mask, cache, ...) -> (out, weights)`, BERT's
+self-attention returning a tuple. `probe` watches one shape-only forward and writes what it saw into
+`region.attrs["site"]` (JSON, so a saved artifact replays without probing); `Site` is the adapter built from that
+record.
+
+Besides the hidden state, the record says where the module receives the rest of its call (`context`): the
+model's attention mask, its rotary position embeddings, its decode cache, and the module's layer index. `Site`
+gathers them into a `Call` for every forward, so an operator honours padding, positions and cached decoding the way
+the replaced attention did. Which of them an operator uses is its own business: nothing here knows any operator.
 
 The same forward also records the token grid of image models (`region.attrs["grid"]`): the output of a 2D
 convolution whose spatial size h x w equals the region's token count (the patch embedding of a DiT, PixArt or
@@ -14,11 +20,21 @@ ViT), which 2D operators need to know where a token's neighbours are.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from graftc.errors import GraftError
 from graftc.match import Region
+
+# Where transformers' attention modules receive each part of their call (5.x names first, older ones after).
+CONTEXT_NAMES = {
+    "mask": ("attention_mask",),
+    "positions": ("position_embeddings",),
+    "cache": ("cache", "past_key_values", "past_key_value", "layer_past"),
+}
 
 
 def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Region]) -> None:
@@ -47,13 +63,23 @@ def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Regio
     finally:
         for h in handles:
             h.remove()
+    # A model that hands its attention a decode cache decodes token by token: an operator that mixes tokens
+    # where no cache reaches it (inside an MLP) would be wrong there, and its guard needs to know.
+    decodes = any("cache" in s["context"] for s in seen.values())
     for fqn, region in entries.items():
         if fqn in seen:
-            region.attrs["site"] = seen[fqn]
+            region.attrs["site"] = {**seen[fqn], "decodes": decodes}
         tokens = region.input_shape[-2] if len(region.input_shape) >= 2 else -1
         grid = sorted(g for g in grids if g[0] * g[1] == tokens)
         if grid:
             region.attrs["grid"] = list(grid[0])
+
+
+def _where(params: list[str], call_kwargs: dict, names: tuple[str, ...]) -> dict | None:
+    for name in names:
+        if name in call_kwargs or name in params:
+            return {"name": name, "position": params.index(name) if name in params else None}
+    return None
 
 
 def _site(module, call_args, call_kwargs, output, region: Region) -> dict:
@@ -76,7 +102,17 @@ def _site(module, call_args, call_kwargs, output, region: Region) -> dict:
         returns = {"kind": "tuple", "length": len(output), "at": at}
     else:
         returns = {"kind": "unsupported", "type": type(output).__name__}
-    return {"input": where, "output": returns}
+    context = {role: w for role, names in CONTEXT_NAMES.items() if (w := _where(params, call_kwargs, names))}
+    bound = dict(zip(params, call_args)) | call_kwargs
+    if "positions" in context:
+        cos_sin = bound.get(context["positions"]["name"])
+        if isinstance(cos_sin, (tuple, list)) and len(cos_sin) == 2 and isinstance(cos_sin[0], torch.Tensor):
+            context["positions"]["dim"] = int(cos_sin[0].shape[-1])  # rotary width, checked against head_dim
+        else:
+            del context["positions"]  # the parameter exists but this model passes no rotary table
+    if isinstance(getattr(module, "layer_idx", None), int):
+        context["layer_idx"] = module.layer_idx
+    return {"input": where, "output": returns, "context": context}
 
 
 def site_problem(region: Region) -> str | None:
@@ -90,31 +126,117 @@ def site_problem(region: Region) -> str | None:
         return f"no argument of {region.cover[0]} has the region's input shape {region.input_shape}"
     if site["output"]["kind"] == "unsupported":
         return f"{region.cover[0]} returns a {site['output']['type']}, not a tensor or tuple"
+    context = site.get("context", {})
+    if "cache" in context and "layer_idx" not in context:
+        return f"{region.cover[0]} receives a decode cache but has no integer layer_idx to find its entry in it"
     return None
 
 
+@dataclass
+class Call:
+    """What the replaced module received besides its hidden state. Any field may be None: a diffusion model
+    passes no mask, an encoder no cache, a model without RoPE no positions."""
+
+    mask: Any = None  # the model's attention mask as the module got it: 4D boolean or additive, or None
+    positions: Any = None  # (cos, sin) rotary tables, each [B, N, head_dim]
+    cache: Any = None  # a transformers Cache (decoding), or None
+    layer_idx: int | None = None
+
+    def valid(self, tokens: int, past: int = 0) -> torch.Tensor | None:
+        """Which of the `tokens` new tokens are real, [B or 1, tokens] bool, or None when all are.
+
+        Read off the mask's diagonal: a padding token is a key nobody may attend to, itself included. The new
+        tokens' key columns are `past + i` when the mask spans every position so far (a full or a static
+        cache's mask) and the last `tokens` columns otherwise (a mask cut to a sliding window)."""
+        mask = self.mask
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise GraftError(f"layer {self.layer_idx}: the model passed an attention mask of type "
+                             f"{type(mask).__name__}; grafted operators read 4D boolean or additive masks "
+                             "(attn_implementation 'sdpa' or 'eager')")
+        width, steps = mask.shape[-1], torch.arange(tokens, device=mask.device)
+        cols = past + steps if width >= past + tokens else width - tokens + steps
+        rows = steps if mask.shape[-2] == tokens else torch.zeros_like(steps)  # [B, 1, 1, K] key-only masks
+        diagonal = mask[:, 0, rows, cols]
+        valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+        if is_fake(valid):  # a shape-only forward: take the padded path, whose shapes are the same
+            return valid
+        return None if bool(valid.all()) else valid
+
+    def state(self, kind: type, make: Callable[[], Any]):
+        """This layer's entry in the decode cache, made by `make()` the first time (a fresh cache holds the
+        teacher's kind of layer there, e.g. a full KV layer), or None when the call carries no cache."""
+        cache = self.cache
+        if cache is None:
+            return None
+        layers = getattr(cache, "layers", None)
+        if not isinstance(layers, list):
+            raise GraftError(f"layer {self.layer_idx}: grafted operators keep their decode state in a transformers "
+                             f"Cache with per-layer entries, not in a {type(cache).__name__}")
+        if len(layers) <= self.layer_idx:  # a DynamicCache built without a config grows its layers lazily
+            from transformers.cache_utils import DynamicLayer
+
+            layers.extend(DynamicLayer() for _ in range(self.layer_idx + 1 - len(layers)))
+        layer = layers[self.layer_idx]
+        if not isinstance(layer, kind):
+            held = layer.get_seq_length() if hasattr(layer, "get_seq_length") else 0
+            if held:
+                raise GraftError(f"layer {self.layer_idx}: the cache already holds {held} tokens of another kind "
+                                 f"of layer ({type(layer).__name__}); start decoding with a fresh cache")
+            layer = layers[self.layer_idx] = make()
+        return layer
+
+
 class Site(torch.nn.Module):
-    """Calls `operator` on the hidden state wherever the replaced module received it, and returns the result
-    in the replaced module's output structure (other tuple entries, e.g. attention weights, become None)."""
+    """Calls `operator(x, call)` on the hidden state wherever the replaced module received it, with the rest of
+    the call gathered into a `Call`, and returns the result in the replaced module's output structure (other
+    tuple entries, e.g. attention weights, become None)."""
 
     def __init__(self, operator: torch.nn.Module, site: dict):
         super().__init__()
         self.operator = operator
         self.position, self.name = site["input"]["position"], site["input"]["name"]
         self.returns = site["output"]
+        self.context = site.get("context", {})
+
+    def _arg(self, where: dict | None, args: tuple, kwargs: dict):
+        if where is None:
+            return None
+        if where["name"] is not None and where["name"] in kwargs:
+            return kwargs[where["name"]]
+        if where["position"] is not None and where["position"] < len(args):
+            return args[where["position"]]
+        return None
 
     def forward(self, *args, **kwargs):
-        if self.name is not None and self.name in kwargs:
-            x = kwargs[self.name]
-        elif self.position is not None and self.position < len(args):
-            x = args[self.position]
-        else:
+        x = self._arg({"name": self.name, "position": self.position}, args, kwargs)
+        if x is None:
             raise GraftError(f"{type(self.operator).__name__}: called without its input "
                              f"(expected argument {self.name or self.position})")
-        y = self.operator(x)
+        call = Call(*(self._arg(self.context.get(role), args, kwargs) for role in CONTEXT_NAMES),
+                    layer_idx=self.context.get("layer_idx"))
+        y = self.operator(x, call)
         if self.returns["kind"] == "tensor":
             return y
         return tuple(y if i == self.returns["at"] else None for i in range(self.returns["length"]))
 
     def extra_repr(self) -> str:
-        return f"input={self.name or self.position}, returns={self.returns['kind']}"
+        return f"input={self.name or self.position}, returns={self.returns['kind']}, context={sorted(self.context)}"
+
+
+def record_layers(model: torch.nn.Module) -> None:
+    """Write `config.graftc_layers` ({layer index: operator and its decode state}) from the model's grafted sites,
+    so the config says which layer is which and `save_pretrained` keeps it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    layers = {}
+    for module in model.modules():
+        if isinstance(module, Site) and "layer_idx" in module.context:
+            state = getattr(module.operator, "decode_state", None)
+            if state is not None:
+                layers[str(module.context["layer_idx"])] = {"operator": type(module.operator).__name__,
+                                                            "decode_state": state}
+    if layers:
+        config.graftc_layers = dict(sorted(layers.items(), key=lambda kv: int(kv[0])))

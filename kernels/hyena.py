@@ -30,7 +30,7 @@ try:  # triton is optional: graftc imports and runs on CPU without it
 except ImportError:
     triton = tl = None
 
-__all__ = ["hyena_conv", "hyena_reference", "hyena_conv_triton", "hyena_conv_cpu"]
+__all__ = ["hyena_conv", "hyena_reference", "hyena_continue", "conv_tail", "hyena_conv_triton", "hyena_conv_cpu"]
 
 
 def _check_inputs(u: Tensor, feat_weight, feat_bias, inner_weight) -> None:
@@ -68,6 +68,37 @@ def hyena_reference(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=No
     if inner_weight is not None:
         kv = causal_conv1d(kv, inner_weight, None)
     return q * kv
+
+
+def conv_tail(x: Tensor, weight: Tensor, bias: Optional[Tensor], new: int) -> Tensor:
+    """The last `new` outputs of the depthwise causal conv of x [B, L, C] (weight [C, K]), where x's first
+    L - new >= K - 1 rows are the inputs before the new ones: out[t] = bias + sum_j w[j] x[t - (K-1) + j]."""
+    taps, length = weight.shape[1], x.shape[1]
+    start = length - new - (taps - 1)
+    out = x[:, start:start + new] * weight[:, 0]
+    for j in range(1, taps):
+        out = out + x[:, start + j:start + j + new] * weight[:, j]
+    return out if bias is None else out + bias
+
+
+def hyena_continue(u: Tensor, history: Callable[[Tensor, int], Tensor], feat_weight=None, feat_bias=None,
+                   inner_weight=None, mask: Optional[Tensor] = None) -> Tensor:
+    """The same maths as hyena_reference for new tokens u [B, Q, 3D] that follow earlier ones (cached decoding)
+    or sit in a padded batch. `history(x, i)` returns x preceded by at least K-1 earlier inputs of convolution i
+    (0: featurizer, 1: inner filter; zeros before the sequence starts) and remembers x's for the next call.
+    `mask` [B, Q, 1] (1 = real token) zeroes padding's k*v before the inner filter, so padding never reaches a
+    real token (u's padding rows must already be zero). fp32 maths, output in u's dtype."""
+    _check_inputs(u, feat_weight, feat_bias, inner_weight)
+    new, a = u.shape[1], u.float()
+    if feat_weight is not None:
+        a = conv_tail(history(a, 0), feat_weight.float(), None if feat_bias is None else feat_bias.float(), new)
+    q, k, v = a.chunk(3, dim=-1)
+    h = k * v
+    if inner_weight is not None:
+        if mask is not None:
+            h = h * mask
+        h = conv_tail(history(h, 1), inner_weight.float(), None, new)
+    return (q * h).to(u.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from graftc.kernels.dispatch import use_reference
 from graftc.kernels.flops import formula
 
-__all__ = ["linear_attention", "linear_attention_reference", "elu_plus_one", "relu", "HedgehogFeatureMap"]
+__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_continue", "linear_attention_state",
+           "elu_plus_one", "relu", "HedgehogFeatureMap"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -143,6 +144,30 @@ def linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, eps:
     quadratic reference under GRAFTC_KERNELS=reference. Returns [B, H, N, dv] in v's dtype."""
     _check(phi_q, phi_k, v)
     return torch.ops.graftc.linear_attention(phi_q, phi_k, v, causal, eps, chunk)
+
+
+def linear_attention_state(phi_k: Tensor, v: Tensor) -> Tensor:
+    """The running sums a causal decode carries: phi_k^T [v, 1] over all tokens, [B, H, F, dv + 1] in fp32 or wider."""
+    dtype = _compute_dtype(v)
+    return phi_k.to(dtype).transpose(-1, -2) @ _with_ones(v, dtype)
+
+
+def linear_attention_continue(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor | None,
+                              eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Causal linear attention of Nq new tokens after the tokens summed in `state` (None: none before):
+    (out [B, H, Nq, dv], the new state). The recurrent form of the same maths: within the new tokens a masked
+    product (a decode step has one), plus phi_q times the carried sums."""
+    _check(phi_q, phi_k, v)
+    dtype = _compute_dtype(v)
+    q, k, v1 = phi_q.to(dtype), phi_k.to(dtype), _with_ones(v, dtype)
+    n = q.shape[-2]
+    causal_mask = torch.ones(n, n, dtype=torch.bool, device=v.device).tril()
+    out = (q @ k.transpose(-1, -2)).masked_fill(~causal_mask, 0.0) @ v1
+    step = k.transpose(-1, -2) @ v1
+    if state is not None:
+        out = out + q @ state.to(dtype)
+        step = step + state.to(dtype)
+    return _normalize(out, eps, v.dtype), step
 
 
 def elu_plus_one(x: Tensor) -> Tensor:

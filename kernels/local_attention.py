@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = tl = None
 
 __all__ = [
-    "window_attention", "neighborhood_attention",
+    "window_attention", "neighborhood_attention", "window_attention_over",
     "window_attention_reference", "neighborhood_attention_reference",
     "window_attention_blocked", "neighborhood_attention_blocked",
     "window_attention_triton", "neighborhood_attention_triton",
@@ -721,6 +721,25 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int
     height, width = grid
     return torch.ops.graftc.neighborhood_attention(q, k, v, int(height), int(width), int(kernel),
                                                    _scale(q, scale))[0]
+
+
+def window_attention_over(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, keys_valid: Tensor | None = None,
+                          scale: float | None = None) -> Tensor:
+    """Sliding-window attention of the last Nq of Nk tokens (the new tokens of a decode step, after the cached
+    ones) over all Nk keys, skipping keys marked invalid (padding). q [B, H, Nq, dh]; k, v [B, Hkv, Nk, dh] with
+    H a multiple of Hkv (grouped-query attention); keys_valid [B, Nk] bool or None. Dense masked SDPA over the
+    Nq x Nk block: a decode step has Nk <= window + Nq. A query that would see no valid key (a padding token's
+    own row) keeps its own key, so its output stays finite; it is padding and nobody reads it."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    qi = torch.arange(nk - nq, nk, device=q.device)[:, None]
+    kj = torch.arange(nk, device=q.device)[None, :]
+    allowed = (qi - kj <= window) & ((kj <= qi) if causal else (kj - qi <= window))
+    allowed = allowed[None, None]
+    if keys_valid is not None:
+        allowed = (allowed & keys_valid[:, None, None, :].to(torch.bool)) | (qi == kj)
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=_scale(q, scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ out_proj Dm -> D'. They differ only in which convolutions run:
 
 Attention ops with `init: teacher` take q|k|v rows of in_proj and out_proj from the teacher's attention (GQA heads
 repeated) and start the featurizer as the identity, so at step 0 the operator gates the teacher's own projections.
+
+Decoding keeps an O(kernel) state per layer in transformers' conv/recurrent cache layer: the last kernel-1 inputs
+of each short convolution, so a decode step costs O(width x kernel) whatever the context. In a padded batch the
+padding's inputs are zeroed before each convolution, so they never reach a real token.
 """
 from __future__ import annotations
 
@@ -18,11 +22,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from graftc.kernels.hyena import hyena_conv
+import torch.nn.functional as F
+
+from graftc.kernels.hyena import hyena_continue, hyena_conv
 from graftc.match import Region
 from graftc.rules import Rule
 from graftc.passes.common import (MixerConfig, TeacherAttention, guard_site, install, like, projections,
                                   teacher_attention, widths)
+from graftc.site import Call
 
 KernelField = Field(4, ge=1, le=128, description="taps of each causal short convolution")
 
@@ -30,10 +37,13 @@ KernelField = Field(4, ge=1, le=128, description="taps of each causal short conv
 class HyenaMixer(torch.nn.Module):
     """With a teacher, the projections are the teacher's and the featurizer starts as the identity."""
 
+    decode_state = "short-conv inputs"
+
     def __init__(self, width: int, inner: int, out_width: int, kernel: int, featurize: bool, inner_filter: bool,
                  teacher: TeacherAttention | None = None, **like):
         super().__init__()
-        self.in_proj, self.out_proj = projections(width, inner, out_width, teacher, **like)
+        self.kernel = kernel
+        self.in_proj, self.out_proj = projections(width, inner, inner, out_width, teacher, **like)
         self.feat_weight = self.feat_bias = self.inner_weight = None
         if featurize:
             if teacher is not None:
@@ -45,9 +55,24 @@ class HyenaMixer(torch.nn.Module):
         if inner_filter:
             self.inner_weight = torch.nn.Parameter(identity_taps(inner, kernel, **like))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, call: Call | None = None) -> torch.Tensor:
+        from graftc.decode import RecurrentState
+
+        call = call or Call()
         u = self.in_proj(x)
-        return self.out_proj(hyena_conv(u, self.feat_weight, self.feat_bias, self.inner_weight))
+        cached = call.state(RecurrentState, RecurrentState) if call.cache is not None else None
+        valid = call.valid(x.shape[-2], cached.seen if cached is not None else 0)
+        if cached is None and valid is None:  # a whole sequence, no padding: the fused kernels
+            return self.out_proj(hyena_conv(u, self.feat_weight, self.feat_bias, self.inner_weight))
+        mask = None if valid is None else valid[..., None].to(u.dtype)
+        if mask is not None:
+            u = u * mask
+        if cached is not None:
+            history = lambda t, i: cached.conv_window(t, i, self.kernel)
+            cached.seen += x.shape[-2]
+        else:
+            history = lambda t, i: F.pad(t, (0, 0, max(self.kernel - 1, 1), 0))
+        return self.out_proj(hyena_continue(u, history, self.feat_weight, self.feat_bias, self.inner_weight, mask))
 
 
 def identity_taps(channels: int, kernel: int, **like) -> torch.Tensor:
@@ -85,7 +110,7 @@ def build_hyena(region: Region, config: HyenaConfig, model: torch.nn.Module) -> 
     featurize, inner_filter = VARIANTS[config.op]
     width, out_width = widths(region)
     inner = region.attrs["heads"] * region.attrs["head_dim"]
-    teacher = teacher_attention(region, model) if config.init == "teacher" else None
+    teacher = teacher_attention(region, model, repeat_kv=True) if config.init == "teacher" else None
     return install(region, HyenaMixer(width, inner, out_width, config.kernel, featurize, inner_filter, teacher,
                                       **like(region, model)))
 
@@ -95,12 +120,20 @@ def build_mlp_hyena(region: Region, config: MlpHyenaConfig, model: torch.nn.Modu
     return install(region, HyenaMixer(width, 2 * width, out_width, config.kernel, True, False, **like(region, model)))
 
 
+def guard_mlp_hyena(region: Region, config: MlpHyenaConfig) -> str | None:
+    problem = guard_site(region, config)
+    if problem is None and region.attrs["site"].get("decodes"):
+        return (f"mlp_hyena_x mixes tokens, but {region.cover[0]} (an MLP) receives neither the padding mask nor the "
+                "decode cache, so cached decoding would be wrong; use it in encoders or image models")
+    return problem
+
+
 hyena_rules = [
     Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena, guard_site,
          summary="Hyena-X: featurizer short conv, then q*k*v gating", plugs_in=True),
     Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, guard_site, summary="Hyena-Y: q * inner_conv(k*v)", plugs_in=True),
     Rule("hyena_se", ("attention",), HyenaSEConfig, build_hyena, guard_site,
          summary="Hyena-SE: featurizer, then q * inner_conv(k*v)", plugs_in=True),
-    Rule("mlp_hyena_x", ("mlp",), MlpHyenaConfig, build_mlp_hyena, guard_site,
+    Rule("mlp_hyena_x", ("mlp",), MlpHyenaConfig, build_mlp_hyena, guard_mlp_hyena,
          summary="Hyena-X as an MLP: in_proj d->6d, short conv, 3-way gating, out_proj 2d->d", plugs_in=True),
 ]

@@ -1,7 +1,11 @@
 """Local softmax attention: `swa` (a window of +-w tokens on the flattened sequence) and `swa2d` (a k x k
-neighbourhood on the model's token grid). Same heads, head size and projections as the teacher; only which keys a
-query sees changes. `init: teacher` copies the teacher's q/k/v/o (GQA heads repeated), so a window that covers the
-whole sequence reproduces the teacher (without its RoPE or q/k norms, which local attention does not use here).
+neighbourhood on the model's token grid). Same heads, K/V heads, head size, projections, q/k norms and rotary
+positions as the teacher; only which keys a query sees changes, so with `init: teacher` a window that covers the
+whole sequence reproduces the teacher.
+
+Decoding: `swa` keeps the last `window` tokens' K/V (at the teacher's kv_heads) in transformers' sliding-window
+cache layer, so a token sees the last `window` tokens and itself, with memory O(window) whatever the context.
+Padding (the model's mask) is honoured in every path: padded keys take no part.
 """
 from __future__ import annotations
 
@@ -11,31 +15,53 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from graftc.kernels.local_attention import neighborhood_attention, window_attention
+from graftc.kernels.local_attention import neighborhood_attention, window_attention, window_attention_over
 from graftc.match import Region
 from graftc.rules import Rule
-from graftc.passes.common import MixerConfig, ProjectedAttention, build_projected, guard_site, teacher_is_causal
+from graftc.passes.common import (MixerConfig, ProjectedAttention, build_projected, guard_causal_decoding,
+                                  guard_positions, teacher_is_causal)
 
 
 class WindowAttention(ProjectedAttention):
-    def __init__(self, width, heads, head_dim, out_width, window: int, causal: bool, teacher=None, **like):
-        super().__init__(width, heads, head_dim, out_width, teacher, **like)
+    decode_state = "sliding-window KV"
+
+    def __init__(self, width, heads, head_dim, out_width, window: int, causal: bool, kv_heads=None, teacher=None,
+                 **like):
+        super().__init__(width, heads, head_dim, out_width, kv_heads, teacher, **like)
         self.window, self.causal = window, causal
 
-    def core(self, q, k, v):
-        return window_attention(q, k, v, self.window, self.causal)
+    def core(self, q, k, v, call):
+        from graftc.decode import WindowKV  # transformers is needed only where a model decodes with a cache
+
+        cached = call.state(WindowKV, lambda: WindowKV(self.window)) if call.cache is not None else None
+        past = cached.get_seq_length() if cached is not None else 0
+        valid = call.valid(q.shape[-2], past)
+        if valid is None and past == 0:  # the whole sequence at once, no padding: the fast kernels
+            if cached is not None:
+                cached.append(k, v, q.new_ones(q.shape[0], q.shape[-2], dtype=torch.bool))
+            return window_attention(q, self.repeat_kv(k), self.repeat_kv(v), self.window, self.causal)
+        if valid is None:
+            valid = q.new_ones(q.shape[0], q.shape[-2], dtype=torch.bool)
+        valid = valid.expand(q.shape[0], -1)
+        if cached is not None:
+            k, v, valid = cached.append(k, v, valid)
+        return window_attention_over(q, k, v, self.window, self.causal, valid)
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, window={self.window}, causal={self.causal}"
+        return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, window={self.window}, "
+                f"causal={self.causal}")
 
 
 class NeighborhoodAttention(ProjectedAttention):
-    def __init__(self, width, heads, head_dim, out_width, grid: tuple[int, int], kernel: int, teacher=None, **like):
-        super().__init__(width, heads, head_dim, out_width, teacher, **like)
+    def __init__(self, width, heads, head_dim, out_width, grid: tuple[int, int], kernel: int, kv_heads=None,
+                 teacher=None, **like):
+        super().__init__(width, heads, head_dim, out_width, kv_heads, teacher, **like)
         self.grid, self.kernel = tuple(grid), kernel
 
-    def core(self, q, k, v):
-        return neighborhood_attention(q, k, v, self.grid_for(q.shape[-2]), self.kernel)
+    def core(self, q, k, v, call):
+        if call.mask is not None and call.valid(q.shape[-2]) is not None:
+            raise ValueError("swa2d: padded tokens on an image grid are not supported (every grid cell is a token)")
+        return neighborhood_attention(q, self.repeat_kv(k), self.repeat_kv(v), self.grid_for(q.shape[-2]), self.kernel)
 
     def grid_for(self, tokens: int) -> tuple[int, int]:
         """The grid seen at graft time; a square grid scales to another square resolution."""
@@ -64,6 +90,10 @@ class Swa2dConfig(MixerConfig):
                                    description="[height, width] of the token grid; default: inferred from the model")
 
 
+def guard_swa(region: Region, config: SwaConfig) -> str | None:
+    return guard_causal_decoding(region, config, config.causal)
+
+
 def build_swa(region: Region, config: SwaConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     causal = teacher_is_causal(region, model) if config.causal is None else config.causal
     return build_projected(region, config, model, WindowAttention, window=config.window, causal=causal)
@@ -84,11 +114,14 @@ def guard_swa2d(region: Region, config: Swa2dConfig) -> str | None:
     elif "grid" not in region.attrs:
         return (f"no token grid can be inferred for its {tokens} tokens (no 2D patch embedding of that size "
                 "was seen); give one with replace: {op: swa2d, grid: [height, width]}")
-    return guard_site(region, config)
+    problem = guard_positions(region, config)
+    if problem is None and "cache" in region.attrs["site"].get("context", {}):
+        return f"{region.cover[0]} decodes with a cache; swa2d is for image grids (use swa)"
+    return problem
 
 
 local_attention_rules = [
-    Rule("swa", ("attention",), SwaConfig, build_swa, guard_site,
+    Rule("swa", ("attention",), SwaConfig, build_swa, guard_swa,
          summary="sliding-window softmax attention on the flattened sequence", plugs_in=True),
     Rule("swa2d", ("attention",), Swa2dConfig, build_swa2d, guard_swa2d,
          summary="k x k neighbourhood softmax attention on the token grid", plugs_in=True),

@@ -4,6 +4,10 @@ x -> in_proj -> [z | x | B | C | dt]; causal depthwise conv + SiLU over [x | B |
 decay exp(dt * A); y + D * x; gated RMSNorm with SiLU(z); out_proj. Defaults are the grafting paper's Mamba-2
 (d_state 64, conv 4, expand 2, head dim 16). Causal by construction (it scans the raster order once).
 Only `init: random`: the teacher's softmax attention has no counterpart of A, dt or the state.
+
+Decoding keeps the conv state (last d_conv-1 inputs) and the SSM state [heads, d_state, head_dim] in transformers'
+conv/recurrent cache layer: O(1) per token, the recurrent form of the same SSD layer. In a padded batch the
+padding's conv inputs are zeroed and its dt set to 0, so the state passes padding by unchanged.
 """
 from __future__ import annotations
 
@@ -15,18 +19,22 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from graftc.kernels import dispatch
-from graftc.kernels.hyena import causal_conv1d
+from graftc.kernels.hyena import causal_conv1d, conv_tail
 from graftc.kernels.ssd import ssd
 from graftc.match import Region
 from graftc.passes.common import MixerConfig, guard_site, install, like, linear, widths
 from graftc.rules import Rule
+from graftc.site import Call
 
 
 class Mamba2Mixer(torch.nn.Module):
+    decode_state = "conv + SSM state"
+
     def __init__(self, width: int, out_width: int, d_state: int = 64, d_conv: int = 4, expand: int = 2,
                  head_dim: int = 16, groups: int = 1, chunk: int = 64, **like):
         super().__init__()
         self.inner, self.d_state, self.head_dim, self.groups, self.chunk = expand * width, d_state, head_dim, groups, chunk
+        self.d_conv = d_conv
         self.heads = self.inner // head_dim
         conv_channels = self.inner + 2 * groups * d_state
         self.in_proj = linear(width, self.inner + conv_channels + self.heads, has_bias=False, **like)
@@ -41,7 +49,9 @@ class Mamba2Mixer(torch.nn.Module):
         self.norm_weight = torch.nn.Parameter(torch.ones(self.inner, **like))
         self.out_proj = linear(self.inner, out_width, has_bias=False, **like)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, call: Call | None = None) -> torch.Tensor:
+        if call is not None and (call.cache is not None or call.mask is not None):
+            return self._continue(x, call)
         if dispatch.plain_cpu_inference(x):
             return self._inference(x)
         batch, length = x.shape[0], x.shape[-2]
@@ -51,6 +61,34 @@ class Mamba2Mixer(torch.nn.Module):
         y = ssd(xs.reshape(batch, length, self.heads, self.head_dim), F.softplus(dt + self.dt_bias),
                 -torch.exp(self.A_log.float()), b.reshape(batch, length, self.groups, self.d_state),
                 c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk)
+        return self.out_proj(_epilogue(y.reshape(batch, length, self.inner).to(x.dtype), z, self.norm_weight))
+
+    def _continue(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+        """forward for new tokens after cached ones, and for padded batches: the conv over the kept inputs and
+        the new ones, the SSD scan from the kept state; padding gets zero conv input and dt = 0."""
+        from graftc.decode import RecurrentState
+
+        cached = call.state(RecurrentState, RecurrentState) if call.cache is not None else None
+        batch, length = x.shape[0], x.shape[-2]
+        valid = call.valid(length, cached.seen if cached is not None else 0)
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
+        dt = F.softplus(dt + self.dt_bias)
+        if valid is not None:
+            mask = valid[..., None].to(x.dtype)
+            xbc, dt = xbc * mask, dt * mask
+        if cached is not None:
+            xbc = cached.conv_window(xbc, 0, self.d_conv)
+        else:
+            xbc = F.pad(xbc, (0, 0, max(self.d_conv - 1, 1), 0))
+        xbc = F.silu(conv_tail(xbc, self.conv_weight, self.conv_bias, length))
+        xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], -1)
+        y, state = ssd(xs.reshape(batch, length, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+                       b.reshape(batch, length, self.groups, self.d_state),
+                       c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk,
+                       initial_state=cached.recurrent(1) if cached is not None else None, return_final_state=True)
+        if cached is not None:
+            cached.set_recurrent(1, state)
+            cached.seen += length
         return self.out_proj(_epilogue(y.reshape(batch, length, self.inner).to(x.dtype), z, self.norm_weight))
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
