@@ -404,14 +404,16 @@ class DiffusersTask(DiffusionTask):
 
 # ------------------------------------------------------------------------ language models and encoders
 class TextTask(Task):
-    """transformers models on a text file (or folder of .txt files), cut into blocks of seq_len tokens."""
+    """transformers models on a text file (or folder of .txt files), cut into blocks of seq_len tokens; without
+    data.text, on graftc.text's train split of the pydoc_data topics (its held-out split is for evaluation)."""
 
     name = "text"
 
     def __init__(self, loaded, data, seed):
         super().__init__(loaded, data, seed)
-        if not data.text:
-            raise GraftError("data.text: give a text file or a folder of .txt files for this language model or encoder")
+        self._tokenizer = None
+        if not data.text:  # the default text needs the model's tokenizer: without one, say so before anything runs
+            self.tokenizer()
         positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and data.seq_len > positions:
             raise GraftError(f"data.seq_len: {data.seq_len} tokens per sample is more than this model can embed "
@@ -420,25 +422,49 @@ class TextTask(Task):
         self.own_objective = "lm" if self.causal else None
 
     def prepare(self, teacher, log=print) -> None:
-        path = Path(self.data.text)
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        if not path.exists() or not files:
-            raise GraftError(f"data.text: {'no .txt files in' if path.exists() else 'not found:'} {path}")
+        if self.data.text:
+            path = Path(self.data.text)
+            files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+            if not path.exists() or not files:
+                raise GraftError(f"data.text: {'no .txt files in' if path.exists() else 'not found:'} {path}")
+            where, raw = str(path), "\n\n".join(f.read_text(errors="replace") for f in files)
+        else:  # graftc.text's train split: real English, offline; its held-out split is never trained on
+            from graftc import text
+
+            where, raw = "pydoc_data topics (train split; data.text: a file or folder replaces it)", text.text("train")
+        ids = self.tokenizer()(raw, add_special_tokens=False, verbose=False)["input_ids"]
+        L = self.data.seq_len
+        if len(ids) < 2 * L:
+            raise GraftError(f"data.text: {where} has {len(ids)} tokens, fewer than two samples of seq_len {L}")
+        blocks = torch.tensor(ids[: len(ids) // L * L]).view(-1, L)
+        self.samples = {"input_ids": blocks}
+        self._split()
+        log(f"data: {len(blocks)} samples of {L} tokens from {where}")
+
+    def tokenizer(self):
+        """The spec's own tokenizer (demo:smollm2, demo:minilm, .gguf folders), else the model folder's."""
+        if self.loaded.tokenizer is not None:
+            return self.loaded.tokenizer
+        if self._tokenizer is not None:
+            return self._tokenizer
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.loaded.spec)
+            if len(tokenizer) < 2:  # transformers makes an empty one from a folder with a config and no vocabulary
+                raise ValueError(f"it has {len(tokenizer)} token(s)")
         except Exception as exc:
-            raise GraftError(f"{self.loaded.spec}: no usable tokenizer in the model folder "
-                             f"({str(exc).splitlines()[0][:120]})") from None
-        ids = tokenizer("\n\n".join(f.read_text(errors="replace") for f in files), add_special_tokens=False)["input_ids"]
-        L = self.data.seq_len
-        if len(ids) < 2 * L:
-            raise GraftError(f"data.text: {path} has {len(ids)} tokens, fewer than two samples of seq_len {L}")
-        blocks = torch.tensor(ids[: len(ids) // L * L]).view(-1, L)
-        self.samples = {"input_ids": blocks}
-        self._split()
-        log(f"data: {len(blocks)} samples of {L} tokens from {path}")
+            raise GraftError(f"{self.loaded.spec}: no usable tokenizer in the model folder to cut data.text into "
+                             f"tokens ({str(exc).splitlines()[0][:120]})") from None
+        try:
+            rows = self.loaded.model.get_input_embeddings().num_embeddings
+        except (AttributeError, NotImplementedError):
+            rows = None
+        if rows is not None and len(tokenizer) > rows:
+            raise GraftError(f"{self.loaded.spec}: the tokenizer does not match the model: it has {len(tokenizer)} "
+                             f"tokens, the model embeds {rows}")
+        self._tokenizer = tokenizer
+        return tokenizer
 
     def make(self, index, g):
         ids = self.samples["input_ids"][index]
