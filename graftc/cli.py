@@ -208,6 +208,7 @@ def emitted_plan(op: str, ratio: float, strategy: str, order: list[int] | None) 
 
 
 def _eval(args) -> int:
+    import copy
     from pathlib import Path
 
     from graftc import artifact, evaluate
@@ -221,6 +222,9 @@ def _eval(args) -> int:
         raise GraftError(f"--steps: must be at least 1 (got {args.steps})")
     if args.cfg < 0:
         raise GraftError(f"--cfg: must be at least 0 (got {args.cfg})")
+    for name in ("context", "new_tokens", "sentences"):
+        if getattr(args, name) < 1:
+            raise GraftError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
     if args.output:
         artifact.check_parent(Path(args.output))
     target = Path(args.target)
@@ -228,7 +232,7 @@ def _eval(args) -> int:
         base = artifact.read_manifest(target).get("base", {}).get("spec", "")
         teacher_spec = args.teacher or base
         loaded = load_model(teacher_spec, seed=args.seed)
-        graft = artifact.load(target)
+        graft = artifact.load(target, model=copy.deepcopy(loaded.model))  # the base, loaded once
         teacher = {"name": "teacher", "spec": teacher_spec, "model": loaded.model}
         student = {"name": "graft", "spec": str(target), "model": graft}
     elif args.teacher:
@@ -240,11 +244,54 @@ def _eval(args) -> int:
         teacher, student = None, {"name": "teacher", "spec": args.target, "model": loaded.model}
     note(f"evaluating {args.target} ({loaded.family})")
     result = evaluate.evaluate(student, teacher, loaded, extractor, args.samples, args.steps, args.cfg, args.seed,
-                               text=args.text, cache=args.cache, log=note)
+                               text=args.text, cache=args.cache, log=note, context=args.context,
+                               new_tokens=args.new_tokens, sentences=args.sentences)
     result = {"target": args.target, "teacher": teacher["spec"] if teacher else None, "family": loaded.family, **result}
     if args.output:
         artifact.write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else evaluate.table(result))
+    return 0
+
+
+def _chat(args) -> int:
+    """Greedy answer of a causal LM (a MODEL spec or an artifact) to one prompt, with the tokenizer's chat
+    template, streamed to stdout as it is decoded."""
+    from pathlib import Path
+
+    import torch
+
+    from graftc import artifact, evaluate
+    from graftc.spec import load_model
+
+    if not args.prompt.strip():
+        raise GraftError("PROMPT: empty; give the text to answer")
+    if args.max_new_tokens < 1:
+        raise GraftError(f"--max-new-tokens: must be at least 1 (got {args.max_new_tokens})")
+    target = Path(args.model)
+    if target.is_dir() and (target / "manifest.json").is_file():  # an artifact: rebuilt on its base model
+        loaded = load_model(artifact.read_manifest(target).get("base", {}).get("spec", ""), seed=args.seed)
+        model = artifact.load(target, model=loaded.model)
+    else:
+        loaded = load_model(args.model, seed=args.seed)
+        model = loaded.model
+    if not evaluate.is_causal_lm(model):
+        raise GraftError(f"{args.model}: chat needs a causal language model (this is a {type(model).__name__})")
+    tokenizer = evaluate.text_tokenizer(loaded)
+    if tokenizer is None:
+        raise GraftError(f"{args.model}: the model has no tokenizer to chat with")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    else:  # a base model: continue the prompt
+        note(f"{args.model}: the tokenizer has no chat template; continuing the prompt as plain text")
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    from transformers import TextStreamer
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
+                       pad_token_id=pad, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     return 0
 
 
@@ -307,11 +354,23 @@ def parser() -> argparse.ArgumentParser:
                                                          "(FD), mu_s/sigma_s (sFID) and/or uint8 images arr_0 "
                                                          "[N, H, W, 3] (default: the digits, for the demo's 8x8 images)")
     e.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files (agreement)")
+    e.add_argument("--context", type=int, default=128, help="causal LMs: held-out prompt tokens before the "
+                                                            "decode-speed measurement (default 128)")
+    e.add_argument("--new-tokens", type=int, default=32, help="causal LMs: greedy tokens decoded with the cache, "
+                                                              "timed (default 32)")
+    e.add_argument("--sentences", type=int, default=512, help="encoders: held-out sentences for embedding cosine "
+                                                              "and retrieval (default 512)")
     e.add_argument("--cache", help="cache folder: the agreement inputs (default: a temporary folder) and the digits' "
                                    "Inception features (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     e.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     e.add_argument("-o", "--output", help="also write the JSON object to this file")
     e.set_defaults(run=_eval)
+    h = sub.add_parser("chat", help="stream a causal LM's greedy answer to a prompt (the tokenizer's chat template)")
+    h.add_argument("model", help="an artifact directory or a MODEL spec (a causal LM with a tokenizer)")
+    h.add_argument("prompt", help="the user's message")
+    h.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    h.add_argument("--seed", type=int, default=0, help="seed for randomly initialized models")
+    h.set_defaults(run=_chat)
     w = sub.add_parser("sweep", help="short stage 1 for a grid of candidate plans; Pareto front of error vs FLOPs")
     w.add_argument("model", help="MODEL spec (see inspect)")
     w.add_argument("-o", "--output", required=True, help="folder to create: sweep.json, pareto.png, report.md, plans/")

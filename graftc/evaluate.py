@@ -12,6 +12,13 @@
 * Agreement (any model): MSE and cosine between teacher and graft outputs on held-out inputs of the model's
   distillation task (``graftc.distill.data.make_task``); for encoders also the cosine of their sentence
   embeddings (mask-weighted mean of the last hidden state).
+* Held-out real text (transformers models with a tokenizer; :func:`heldout_quality`), on ``graftc.text``'s
+  held-out pydoc_data topics, never trained on. Causal LMs: perplexity by the reference protocol of
+  ``graftc.text`` (4 windows of 512 tokens), and on those windows the greedy next-token agreement with the
+  teacher and the mean per-token KL(teacher || graft); decode tokens/s with the cache after a prompt of
+  ``context`` held-out tokens. Encoders: the cosine of each held-out sentence's mean-pooled embedding to the
+  teacher's, and retrieval top-1 (each graft embedding's nearest teacher embedding, by cosine, among all the
+  sentences' is the same sentence's).
 * Cost: parameters, FLOPs at the example inputs (``torch.utils.flop_counter``) and forward latency measured
   side by side with the teacher (``graftc.distill.speed.compare``).
 """
@@ -28,7 +35,8 @@ from graftc.errors import GraftError
 
 __all__ = ["FeatureExtractor", "DigitExtractor", "InceptionExtractor", "read_reference", "parse_features",
            "fd_of_features", "inception_score", "precision_recall", "sample_quality", "agreement",
-           "sentence_embedding", "cost", "evaluate", "table"]
+           "sentence_embedding", "perplexity", "text_tokenizer", "heldout_quality", "lm_windows", "decode_speed",
+           "embedding_quality", "cost", "evaluate", "table"]
 
 
 # ------------------------------------------------------------------ feature extractors
@@ -520,6 +528,117 @@ def perplexity(model, loaded, text: str, seed: int, cache: Optional[str] = None,
     return math.exp(total / count)
 
 
+# ------------------------------------------------------------------ held-out real text
+
+
+def text_tokenizer(loaded):
+    """The spec's tokenizer (demo:smollm2, demo:minilm, .gguf), else the model folder's; None where it has none."""
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(loaded.spec)
+    except Exception:
+        return None
+    return tokenizer if len(tokenizer) > 1 else None  # a config without a vocabulary gives an empty one
+
+
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
+@torch.no_grad()
+def lm_windows(teacher, graft, windows: torch.Tensor) -> dict:
+    """Teacher and graft on the same windows [N, L] (each scored on its own): both perplexities (every token but
+    a window's first is predicted), the share of positions where the graft's greedy next token is the
+    teacher's, and the mean per-token KL(teacher || graft) in nats."""
+    import math
+
+    nll = {"teacher": 0.0, "graft": 0.0}
+    same = kl = 0.0
+    tokens = positions = 0
+    for row in windows.split(1):
+        t = teacher(input_ids=row, use_cache=False).logits.float().log_softmax(-1)
+        g = t if graft is teacher else graft(input_ids=row, use_cache=False).logits.float().log_softmax(-1)
+        target = row[:, 1:].flatten()
+        for name, logp in (("teacher", t), ("graft", g)):
+            nll[name] -= float(logp[:, :-1].flatten(0, 1).gather(1, target[:, None]).sum())
+        same += float((t.argmax(-1) == g.argmax(-1)).sum())
+        kl += float((t.exp() * (t - g)).sum())
+        tokens += target.numel()
+        positions += row.numel()
+    return {"teacher_perplexity": math.exp(nll["teacher"] / tokens), "graft_perplexity": math.exp(nll["graft"] / tokens),
+            "next_token_agreement": same / positions, "kl": kl / positions}
+
+
+@torch.no_grad()
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decode tokens/s with the model's cache after prefilling `prompt` [B, context] (not timed)."""
+    import time
+
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.2x
+    kept = lambda out: out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # noqa: E731
+    out = model(input_ids=prompt, use_cache=True)
+    cache, token = kept(out), out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache, token = kept(out), out.logits[:, -1:].argmax(-1)
+    return new_tokens * prompt.shape[0] / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def embedding_quality(teacher, graft, tokenizer, sentences: list[str], batch_size: int = 32) -> dict:
+    """Mean-pooled sentence embeddings of teacher and graft: mean and min cosine per sentence, and retrieval
+    top-1, the share of sentences whose graft embedding is nearest (by cosine) the teacher embedding of the
+    same sentence among all of them."""
+    def embed(model):
+        rows = []
+        for start in range(0, len(sentences), batch_size):
+            enc = tokenizer(sentences[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            mask = enc["attention_mask"]
+            out = model(**enc, output_hidden_states=True)
+            rows.append(sentence_embedding(out, mask))
+        return torch.nn.functional.normalize(torch.cat(rows), dim=1)
+
+    t, g = embed(teacher), embed(graft)
+    cos = (t * g).sum(1)
+    hits = (g @ t.T).argmax(1) == torch.arange(len(sentences))
+    return {"sentences": len(sentences), "embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+            "retrieval_top1": float(hits.double().mean())}
+
+
+def heldout_quality(teacher, graft, loaded, tokenizer, context: int = 128, new_tokens: int = 32,
+                    sentences: int = 512, log=lambda line: None) -> dict:
+    """graftc.text's held-out evaluation of a transformers model (``graft``) beside its teacher (which may be
+    the same model). Returns {"models": {"teacher": {...}, "graft": {...}}, "agreement": {...}, "settings"}."""
+    from graftc import text
+
+    if is_causal_lm(loaded.model):
+        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 10**9
+        protocol = dict(text.REFERENCE)
+        protocol["length"] = min(protocol["length"], positions)
+        windows = text.token_windows(tokenizer, **protocol)
+        log(f"eval: {len(windows)} held-out windows of {windows.shape[1]} tokens, teacher beside graft")
+        lm = lm_windows(teacher, graft, windows)
+        prompt = text.token_windows(tokenizer, "heldout", min(context, positions - new_tokens), 1)
+        log(f"eval: decode speed, {new_tokens} tokens after {prompt.shape[1]} tokens of context")
+        speed = {"teacher": decode_speed(teacher, prompt, new_tokens)}
+        speed["graft"] = speed["teacher"] if graft is teacher else decode_speed(graft, prompt, new_tokens)
+        models = {name: {"heldout_perplexity": lm[f"{name}_perplexity"], "decode_tokens_per_s": speed[name]}
+                  for name in ("teacher", "graft")}
+        return {"models": models, "settings": {"windows": list(windows.shape), "protocol": protocol,
+                                               "context": prompt.shape[1], "new_tokens": new_tokens},
+                "agreement": {"next_token_agreement": lm["next_token_agreement"], "kl": lm["kl"]}}
+    found = text.sentences("heldout")[:sentences]
+    log(f"eval: embeddings of {len(found)} held-out sentences, teacher beside graft")
+    return {"models": {}, "settings": {"sentences": len(found)},
+            "agreement": embedding_quality(teacher, graft, tokenizer, found)}
+
+
 @torch.no_grad()
 def cost(model, loaded) -> dict:
     """Parameters and forward FLOPs at the example inputs."""
@@ -538,7 +657,7 @@ def cost(model, loaded) -> dict:
 
 def evaluate(target: dict, teacher: Optional[dict], loaded, extractor: Optional[FeatureExtractor], samples: int,
              steps: int, cfg: float, seed: int, text: Optional[str] = None, cache: Optional[str] = None,
-             log=lambda line: None) -> dict:
+             log=lambda line: None, context: int = 128, new_tokens: int = 32, sentences: int = 512) -> dict:
     """``target``/``teacher``: {"name", "spec", "model"}. Returns the JSON-able result."""
     from graftc.distill.speed import compare
 
@@ -563,9 +682,20 @@ def evaluate(target: dict, teacher: Optional[dict], loaded, extractor: Optional[
             ppl = perplexity(e["model"], loaded, text, seed, cache)
             if ppl is not None:
                 result["models"][e["name"]]["perplexity"] = ppl
+    tokenizer = text_tokenizer(loaded) if loaded.family == "transformers" else None
+    if tokenizer is not None:
+        held = heldout_quality((teacher or target)["model"], target["model"], loaded, tokenizer, context, new_tokens,
+                               sentences, log)
+        for e in entries:  # without a teacher the model is called "teacher" and compared with itself
+            result["models"][e["name"]].update(held["models"].get(e["name"], {}))
+        result["settings"]["heldout"] = held["settings"]
+        if teacher is not None:
+            result["heldout"] = held["agreement"]
+    elif loaded.family == "transformers":
+        result["notes"].append("held-out text evaluation skipped: the model has no tokenizer")
     if teacher is not None:
         if loaded.family == "transformers" and not text:
-            result["notes"].append("agreement skipped: this language model needs --text")
+            pass  # the held-out evaluation above compares teacher and graft; --text adds output agreement on it
         else:
             log("eval: teacher-vs-graft agreement")
             result["agreement"] = agreement(teacher["model"], target["model"], loaded, samples, steps, cfg, seed,
@@ -596,7 +726,8 @@ def table(result: dict) -> str:
     rows = [("", *names)]
     labels = {"params": "params", "flops": "FLOPs (example inputs)", "fd": "FD (lower is better)", "sfid": "sFID",
               "is": "IS", "precision": "precision (k=3)", "recall": "recall (k=3)",
-              "perplexity": "perplexity (held-out text)"}
+              "perplexity": "perplexity (--text)", "heldout_perplexity": "perplexity (held-out pydoc_data)",
+              "decode_tokens_per_s": "decode tokens/s (cache)"}
     for key, label in labels.items():
         if any(key in result["models"][n] for n in names):
             rows.append((label, *(_fmt(result["models"][n].get(key)) for n in names)))
@@ -610,6 +741,11 @@ def table(result: dict) -> str:
              for r in rows]
     s = result["settings"]
     head = f"eval: {s['samples']} samples, {s['steps']} steps, cfg {s['cfg']}, seed {s['seed']}, features {s['features']}"
+    if "heldout" in s:  # a transformers model: the diffusion settings do not apply
+        h = s["heldout"]
+        head = (f"eval: held-out pydoc_data topics (graftc.text), {h['windows'][0]} windows of {h['windows'][1]} tokens, "
+                f"decode {h['new_tokens']} tokens after {h['context']}" if "windows" in h else
+                f"eval: held-out pydoc_data sentences (graftc.text), {h['sentences']} of them")
     if s.get("reference"):
         head += f" (reference {s['reference']})"
     out = [head, *lines]
@@ -622,5 +758,14 @@ def table(result: dict) -> str:
         if "embedding_cosine" in a:
             line += f", sentence-embedding cosine {a['embedding_cosine']:.6f}"
         out.append(line)
+    if "heldout" in result:
+        h, where = result["heldout"], result["settings"]["heldout"]
+        if "next_token_agreement" in h:
+            out.append(f"held-out windows {where['windows']}: greedy next-token agreement with the teacher "
+                       f"{h['next_token_agreement']:.2%}, mean KL(teacher || graft) {h['kl']:.4g} nats/token")
+        else:
+            out.append(f"held-out sentences ({h['sentences']}): mean-pooled embedding cosine to the teacher's "
+                       f"{h['embedding_cosine']:.4f} (min {h['embedding_cosine_min']:.4f}), retrieval top-1 "
+                       f"{h['retrieval_top1']:.2%}")
     out += [f"note: {n}" for n in result["notes"]]
     return "\n".join(out)
