@@ -78,7 +78,7 @@ def _rewrite_pass(step_index: int, step) -> Pass:
         chosen = select_regions(step.select, state.regions, f"{where}.select", order,
                                 sensitivity["order"] if sensitivity else None)
         if rules_by_op()[step.replace.op].plugs_in and any("site" not in r.attrs for r in chosen):
-            probe(state.model, state.args, state.kwargs, chosen)  # one forward, only when a rule needs it
+            probe(state.model, state.args, state.kwargs, state.regions)  # one forward, only when a rule needs it
         for region in chosen:
             if region.fqn in done:
                 raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} was already rewritten "

@@ -45,20 +45,35 @@ class WindowKV(DynamicSlidingWindowLayer):
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.valid is not None:
+            self.valid = self.valid.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.valid is not None:
+            self.valid = self.valid[indices, ...]
+
 
 class RecurrentState(LinearAttentionAndFullAttentionLayer):
     """Conv states (the last taps-1 inputs of a short convolution, [B, taps-1, C]) and recurrent states (any
     tensor), numbered per operator; no per-token KV. `seen` counts tokens: the operator adds each call's."""
 
-    def __init__(self, number_of_states: int = 2):
+    def __init__(self, replaced=None, number_of_states: int = 2):
         super().__init__(number_of_states=number_of_states)
         self.seen = 0
+        # In a static cache the model's masks span every slot: answer for masks as the static layer replaced would
+        self.max_cache_len = getattr(replaced, "max_cache_len", None)
+        # ... and keep the cache as compileable as it was: transformers drops the mask of a one-token step (and
+        # lets SDPA's is_causal stand in) unless the cache is, which a static layer's empty slots cannot survive
+        self.is_compileable = bool(getattr(replaced, "is_compileable", False))
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        return (self.max_cache_len or self.seen + query_length), 0
 
     def reset(self) -> None:
         super().reset()
@@ -77,6 +92,21 @@ class RecurrentState(LinearAttentionAndFullAttentionLayer):
         full = torch.cat([past, x], 1)
         self.conv_states[index] = full[:, -keep:].clone()  # not a view: a long prompt's inputs are freed
         return full
+
+    def _each_state(self, change) -> None:
+        for states in (self.conv_states, self.recurrent_states):
+            for i, t in states.items():
+                if t is not None:
+                    states[i] = change(t)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._each_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._each_state(lambda t: t[indices, ...])
 
     def recurrent(self, index: int) -> torch.Tensor | None:
         return self.recurrent_states[index] if self.is_recurrent_states_initialized[index] else None

@@ -38,10 +38,13 @@ CONTEXT_NAMES = {
 
 
 def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Region]) -> None:
-    """Record `site` (and `grid` where one exists) in the attrs of every region that has a cover."""
+    """Record `site` (and `grid` where one exists) in the attrs of every region that has a cover and no record yet
+    (an earlier probe's record stays: its module may have been rewritten since)."""
     from graftc.manager import fake_forward
 
-    entries = {r.cover[0]: r for r in regions if r.cover and r.kind in ("attention", "mlp", "block_pair")}
+    recorded = [r.attrs["site"] for r in regions if "site" in r.attrs]
+    entries = {r.cover[0]: r for r in regions
+               if r.cover and r.kind in ("attention", "mlp", "block_pair") and "site" not in r.attrs}
     seen: dict[str, dict] = {}
     grids: set[tuple[int, int]] = set()
 
@@ -55,8 +58,14 @@ def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Regio
         if output.dim() == 4:
             grids.add((int(output.shape[-2]), int(output.shape[-1])))
 
-    handles = [model.get_submodule(fqn).register_forward_hook(on_call(fqn, r), with_kwargs=True)
-               for fqn, r in entries.items()]
+    handles = []
+    for fqn, region in list(entries.items()):
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:  # rewritten away by an earlier step (e.g. the second block of a parallel pair)
+            del entries[fqn]
+            continue
+        handles.append(module.register_forward_hook(on_call(fqn, region), with_kwargs=True))
     handles += [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     try:
         fake_forward(model, args, kwargs)
@@ -65,7 +74,7 @@ def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Regio
             h.remove()
     # A model that hands its attention a decode cache decodes token by token: an operator that mixes tokens
     # where no cache reaches it (inside an MLP) would be wrong there, and its guard needs to know.
-    decodes = any("cache" in s["context"] for s in seen.values())
+    decodes = any("cache" in s.get("context", {}) for s in [*seen.values(), *recorded])
     for fqn, region in entries.items():
         if fqn in seen:
             region.attrs["site"] = {**seen[fqn], "decodes": decodes}
@@ -127,7 +136,7 @@ def site_problem(region: Region) -> str | None:
     if site["output"]["kind"] == "unsupported":
         return f"{region.cover[0]} returns a {site['output']['type']}, not a tensor or tuple"
     context = site.get("context", {})
-    if "cache" in context and "layer_idx" not in context:
+    if region.kind == "attention" and "cache" in context and "layer_idx" not in context:
         return f"{region.cover[0]} receives a decode cache but has no integer layer_idx to find its entry in it"
     return None
 
@@ -164,9 +173,10 @@ class Call:
             return valid
         return None if bool(valid.all()) else valid
 
-    def state(self, kind: type, make: Callable[[], Any]):
-        """This layer's entry in the decode cache, made by `make()` the first time (a fresh cache holds the
-        teacher's kind of layer there, e.g. a full KV layer), or None when the call carries no cache."""
+    def state(self, kind: type, make: Callable[[Any], Any]):
+        """This layer's entry in the decode cache, made by `make(the entry it replaces)` the first time (a fresh
+        cache holds the teacher's kind of layer there, e.g. a full KV layer), or None when the call carries no
+        cache."""
         cache = self.cache
         if cache is None:
             return None
@@ -184,7 +194,7 @@ class Call:
             if held:
                 raise GraftError(f"layer {self.layer_idx}: the cache already holds {held} tokens of another kind "
                                  f"of layer ({type(layer).__name__}); start decoding with a fresh cache")
-            layer = layers[self.layer_idx] = make()
+            layer = layers[self.layer_idx] = make(layer)
         return layer
 
 

@@ -33,7 +33,7 @@ class WindowAttention(ProjectedAttention):
     def core(self, q, k, v, call):
         from graftc.decode import WindowKV  # transformers is needed only where a model decodes with a cache
 
-        cached = call.state(WindowKV, lambda: WindowKV(self.window)) if call.cache is not None else None
+        cached = call.state(WindowKV, lambda replaced: WindowKV(self.window)) if call.cache is not None else None
         past = cached.get_seq_length() if cached is not None else 0
         valid = call.valid(q.shape[-2], past)
         if valid is None and past == 0:  # the whole sequence at once, no padding: the fast kernels

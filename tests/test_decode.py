@@ -170,6 +170,18 @@ def test_right_padded_encoder_batch_equals_each_sentence_alone(op):
     assert (padded[1, :4] - each[1][0]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("op", ["swa-w3", "linear", "hyena_se", "mamba2"])
+def test_static_cache_decodes_like_no_cache(op):
+    """generate(cache_implementation="static"): the teacher's layers keep their static KV, the grafted ones
+    their own state, and the masks still span the static slots."""
+    _, model = _graft("llama", DECODER_OPS[op], [0, 2], "random")
+    prompt = _prompt(5)
+    with torch.no_grad():
+        static = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(static, uncached)
+
+
 def _state_bytes(cache, layer: int) -> int:
     entry = cache.layers[layer]
     tensors = [getattr(entry, name, None) for name in ("keys", "values", "valid")]
@@ -244,3 +256,17 @@ def test_cache_from_another_model_is_a_clear_error():
         teacher(_prompt(4), cache=cache, use_cache=True)
         with pytest.raises(GraftError, match="already holds 4 tokens"):
             model(_prompt(1), cache=cache, use_cache=True)
+
+
+def test_partial_rotary_model_is_refused_for_operators_that_apply_rope():
+    """Phi rotates only part of each head: swa/linear apply full-head RoPE, so they refuse it at compile time."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = PhiForCausalLM(config).eval()
+    for op in ("swa", "linear"):
+        with pytest.raises(GraftError, match="partial rotary embeddings are not supported"):
+            graftc.compile(copy.deepcopy(model), plan_of(({"kind": "attention", "layers": "all"}, {"op": op})),
+                           {"input_ids": _prompt(6), "use_cache": False})

@@ -23,6 +23,7 @@ ATTENTION_OPS = {
 MLP_OPS = {"mlp_hyena_x": {}}
 OPS = {**ATTENTION_OPS, **MLP_OPS}
 IMAGE_FAMILIES = {"diffusers-dit", "pixart-sigma", "graftc-dit"}
+DECODER_FAMILIES = {"qwen3-gqa", "llama"}  # decode with a KV cache: a token-mixing MLP is refused there
 FAMILIES = [f for f in zoo.FAMILIES if f != "demo"]  # demo is graftc-dit at other weights
 LM_EXAMPLE = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "use_cache": False}
 
@@ -60,6 +61,10 @@ def test_operator_grafts_into_family(family, op_id):
     plan = plan_of(({"kind": kind, "ratio": 0.5}, replace(op_id, OPS[op_id])))
     if op_id == "swa2d" and name not in IMAGE_FAMILIES:
         with pytest.raises(GraftError, match="no token grid can be inferred"):
+            graft(loaded, plan)
+        return
+    if op_id == "mlp_hyena_x" and name in DECODER_FAMILIES:
+        with pytest.raises(GraftError, match="receives neither the padding mask nor the decode cache"):
             graft(loaded, plan)
         return
     teacher, result = graft(loaded, plan)
@@ -154,17 +159,22 @@ def test_hyena_from_teacher_uses_teacher_projections(tiny_dit):
     assert torch.equal(mixer.inner_weight[:, -1], torch.ones(mixer.inner_weight.shape[0]))
 
 
-def test_gqa_teacher_heads_are_repeated():
-    """Qwen3 has 4 query heads over 2 kv heads: every query head gets its kv head's projection."""
+def test_gqa_teacher_kv_heads_are_kept_by_attention_and_repeated_by_hyena():
+    """Qwen3 has 4 query heads over 2 kv heads. swa keeps the teacher's 2 K/V heads (its projection and cache are
+    the teacher's size); Hyena gates q * k * v channel by channel, so each query head gets its kv head's rows."""
     model = perturb(zoo.make_qwen3(depth=2))
-    teacher = copy.deepcopy(model.model.layers[0].self_attn)
-    graftc.compile(model, plan_of(({"kind": "attention", "layers": [0]}, {"op": "swa"})),
-                   LM_EXAMPLE)
-    op = model.model.layers[0].self_attn.operator
-    dh, width = op.head_dim, op.qkv.in_features
-    k = op.qkv.weight[op.heads * dh: 2 * op.heads * dh].view(op.heads, dh, width)
-    kv = teacher.k_proj.weight.view(2, dh, width)
-    for head in range(op.heads):
+    teacher = copy.deepcopy(model.model.layers)
+    graftc.compile(model, plan_of(({"kind": "attention", "layers": [0]}, {"op": "swa"}),
+                                  ({"kind": "attention", "layers": [1]}, {"op": "hyena_x"})), LM_EXAMPLE)
+    swa, hyena = model.model.layers[0].self_attn.operator, model.model.layers[1].self_attn.operator
+    t0, t1 = teacher[0].self_attn, teacher[1].self_attn
+    assert swa.kv_heads == 2
+    assert torch.equal(swa.qkv.weight, torch.cat([t0.q_proj.weight, t0.k_proj.weight, t0.v_proj.weight]))
+    assert torch.equal(swa.q_norm.weight, t0.q_norm.weight) and torch.equal(swa.k_norm.weight, t0.k_norm.weight)
+    dh, width, heads = swa.head_dim, swa.qkv.in_features, swa.heads
+    k = hyena.in_proj.weight[heads * dh: 2 * heads * dh].view(heads, dh, width)
+    kv = t1.k_proj.weight.view(2, dh, width)
+    for head in range(heads):
         assert torch.equal(k[head], kv[head // 2])
 
 
