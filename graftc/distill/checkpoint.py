@@ -17,7 +17,13 @@ def save(workdir: Path, name: str, tensors: dict[str, torch.Tensor], state: dict
 
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = workdir / f".{name}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    seen, flat = set(), {}
+    for k, v in tensors.items():  # tied weights (an LM head sharing the embedding) are stored once each, unshared
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        flat[k] = v.clone() if key in seen else v
+        seen.add(key)
+    save_file(flat, str(tmp))
     os.replace(tmp, workdir / f"{name}.safetensors")
     state_tmp = workdir / ".state.json.tmp"
     state_tmp.write_text(json.dumps({**state, "tensors": f"{name}.safetensors"}, indent=1))
