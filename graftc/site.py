@@ -112,6 +112,8 @@ def _site(module, call_args, call_kwargs, output, region: Region) -> dict:
     else:
         returns = {"kind": "unsupported", "type": type(output).__name__}
     context = {role: w for role, names in CONTEXT_NAMES.items() if (w := _where(params, call_kwargs, names))}
+    if "cache" in context and not (getattr(module, "is_causal", False) or region.attrs.get("causal")):
+        del context["cache"]  # a bidirectional encoder (BERT) takes the parameter but never decodes
     bound = dict(zip(params, call_args)) | call_kwargs
     if "positions" in context:
         cos_sin = bound.get(context["positions"]["name"])

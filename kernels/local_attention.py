@@ -731,6 +731,9 @@ def window_attention_over(q: Tensor, k: Tensor, v: Tensor, window: int, causal: 
     Nq x Nk block: a decode step has Nk <= window + Nq. A query that would see no valid key (a padding token's
     own row) keeps its own key, so its output stays finite; it is padding and nobody reads it."""
     nq, nk = q.shape[-2], k.shape[-2]
+    if nq == 1 and nk <= window + 1 and (keys_valid is None or bool(keys_valid.all())):
+        # a decode step over a window cache without padding: every key is visible, no mask to build
+        return F.scaled_dot_product_attention(q, k, v, scale=_scale(q, scale), enable_gqa=k.shape[1] != q.shape[1])
     qi = torch.arange(nk - nq, nk, device=q.device)[:, None]
     kj = torch.arange(nk, device=q.device)[None, :]
     allowed = (qi - kj <= window) & ((kj <= qi) if causal else (kj - qi <= window))

@@ -24,7 +24,7 @@ from pydantic import Field
 
 import torch.nn.functional as F
 
-from graftc.kernels.hyena import hyena_continue, hyena_conv
+from graftc.kernels.hyena import conv_tail, hyena_continue, hyena_conv
 from graftc.match import Region
 from graftc.rules import Rule
 from graftc.passes.common import (MixerConfig, TeacherAttention, guard_site, install, like, projections,
@@ -62,8 +62,11 @@ class HyenaMixer(torch.nn.Module):
         u = self.in_proj(x)
         cached = call.state(RecurrentState, RecurrentState) if call.cache is not None else None
         valid = call.valid(x.shape[-2], cached.seen if cached is not None else 0)
-        if cached is None and valid is None:  # a whole sequence, no padding: the fused kernels
-            return self.out_proj(hyena_conv(u, self.feat_weight, self.feat_bias, self.inner_weight))
+        if valid is None and (cached is None or cached.seen == 0):  # a whole sequence, no padding: fused kernels
+            y = hyena_conv(u, self.feat_weight, self.feat_bias, self.inner_weight)
+            if cached is not None:  # a prompt into a fresh cache: keep what the next token's convolutions read
+                self._seed(cached, u)
+            return self.out_proj(y)
         mask = None if valid is None else valid[..., None].to(u.dtype)
         if mask is not None:
             u = u * mask
@@ -73,6 +76,24 @@ class HyenaMixer(torch.nn.Module):
         else:
             history = lambda t, i: F.pad(t, (0, 0, max(self.kernel - 1, 1), 0))
         return self.out_proj(hyena_continue(u, history, self.feat_weight, self.feat_bias, self.inner_weight, mask))
+
+    def _seed(self, cached, u: torch.Tensor) -> None:
+        """The states hyena_continue would have left after the prompt u: the featurizer's last kernel-1 inputs
+        and the inner filter's (k * v of the featurized tail; zero before the sequence starts)."""
+        taps, length = self.kernel, u.shape[1]
+        keep = max(taps - 1, 1)
+        tail = u[:, -(keep + taps - 1):].float()
+        tail = F.pad(tail, (0, 0, keep + taps - 1 - tail.shape[1], 0))  # zeros before the sequence starts
+        if self.feat_weight is not None:
+            cached.conv_window(tail[:, -keep:], 0, taps)
+        if self.inner_weight is not None:
+            a = tail[:, -keep:] if self.feat_weight is None else conv_tail(tail, self.feat_weight.float(),
+                                                                         self.feat_bias.float(), keep)
+            q, k, v = a.chunk(3, dim=-1)
+            h = k * v
+            h[:, :max(keep - length, 0)] = 0
+            cached.conv_window(h, 1, taps)
+        cached.seen += length
 
 
 def identity_taps(channels: int, kernel: int, **like) -> torch.Tensor:

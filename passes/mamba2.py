@@ -11,6 +11,7 @@ padding's conv inputs are zeroed and its dt set to 0, so the state passes paddin
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -20,7 +21,7 @@ from pydantic import Field
 
 from graftc.kernels import dispatch
 from graftc.kernels.hyena import causal_conv1d, conv_tail
-from graftc.kernels.ssd import ssd
+from graftc.kernels.ssd import ssd, ssd_reference
 from graftc.match import Region
 from graftc.passes.common import MixerConfig, guard_site, install, like, linear, widths
 from graftc.rules import Rule
@@ -53,7 +54,7 @@ class Mamba2Mixer(torch.nn.Module):
         if call is not None and (call.cache is not None or call.mask is not None):
             return self._continue(x, call)
         if dispatch.plain_cpu_inference(x):
-            return self._inference(x)
+            return self._inference(x)[0]
         batch, length = x.shape[0], x.shape[-2]
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
         xbc = F.silu(causal_conv1d(xbc, self.conv_weight, self.conv_bias))
@@ -71,6 +72,12 @@ class Mamba2Mixer(torch.nn.Module):
         cached = call.state(RecurrentState, RecurrentState) if call.cache is not None else None
         batch, length = x.shape[0], x.shape[-2]
         valid = call.valid(length, cached.seen if cached is not None else 0)
+        if cached is not None and cached.seen == 0 and valid is None and dispatch.plain_cpu_inference(x):
+            out, state, conv_inputs = self._inference(x)  # a prompt into a fresh cache: the fused forward
+            cached.conv_window(conv_inputs[:, -max(self.d_conv - 1, 1):], 0, self.d_conv)
+            cached.set_recurrent(1, state)
+            cached.seen += length
+            return out
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.d_state, self.heads], -1)
         dt = F.softplus(dt + self.dt_bias)
         if valid is not None:
@@ -82,10 +89,13 @@ class Mamba2Mixer(torch.nn.Module):
             xbc = F.pad(xbc, (0, 0, max(self.d_conv - 1, 1), 0))
         xbc = F.silu(conv_tail(xbc, self.conv_weight, self.conv_bias, length))
         xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], -1)
-        y, state = ssd(xs.reshape(batch, length, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
-                       b.reshape(batch, length, self.groups, self.d_state),
-                       c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk,
-                       initial_state=cached.recurrent(1) if cached is not None else None, return_final_state=True)
+        initial = cached.recurrent(1) if cached is not None else None
+        # one decode step is one step of the recurrence (the chunked scan's set-up costs more than the step)
+        scan = ssd_reference if length == 1 else functools.partial(ssd, chunk=self.chunk)
+        y, state = scan(xs.reshape(batch, length, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+                        b.reshape(batch, length, self.groups, self.d_state),
+                        c.reshape(batch, length, self.groups, self.d_state), self.D,
+                        initial_state=initial, return_final_state=True)
         if cached is not None:
             cached.set_recurrent(1, state)
             cached.seen += length
@@ -95,7 +105,8 @@ class Mamba2Mixer(torch.nn.Module):
         """forward on CPU without autograd: the same maths in fewer passes over memory. The conv runs as
         shifted multiply-adds, token-major (F.conv1d wants channel-major: a transposed copy in, and a
         channel-major output that every later step would read across the grain); conv + SiLU + softplus and
-        gate + RMSNorm are each one fused loop (torch.compile) on large inputs, a few in-place ops otherwise."""
+        gate + RMSNorm are each one fused loop (torch.compile) on large inputs, a few in-place ops otherwise.
+        Returns (output, final SSM state, conv inputs): the last two seed a decode cache."""
         batch, length = x.shape[0], x.shape[-2]
         proj = self.in_proj(x)
         conv_channels = self.inner + 2 * self.groups * self.d_state
@@ -103,11 +114,12 @@ class Mamba2Mixer(torch.nn.Module):
         xbc, dt = (_prologue_compiled if big else _prologue)(proj, self.conv_weight, self.conv_bias, self.dt_bias,
                                                              self.inner, conv_channels)
         xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], -1)
-        y = ssd(xs.reshape(batch, length, self.heads, self.head_dim), dt,
-                -torch.exp(self.A_log.float()), b.reshape(batch, length, self.groups, self.d_state),
-                c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk)
+        y, state = ssd(xs.reshape(batch, length, self.heads, self.head_dim), dt,
+                       -torch.exp(self.A_log.float()), b.reshape(batch, length, self.groups, self.d_state),
+                       c.reshape(batch, length, self.groups, self.d_state), self.D, self.chunk, return_final_state=True)
         y = y.reshape(batch, length, self.inner).to(x.dtype)
-        return self.out_proj((_epilogue_compiled if big else _epilogue)(y, proj[..., :self.inner], self.norm_weight))
+        out = self.out_proj((_epilogue_compiled if big else _epilogue)(y, proj[..., :self.inner], self.norm_weight))
+        return out, state, proj[..., self.inner:self.inner + conv_channels]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, d_state={self.d_state}, groups={self.groups}"

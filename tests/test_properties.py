@@ -91,7 +91,7 @@ DECODE_OPS = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, derandomize=True,
+@settings(max_examples=50, deadline=None, derandomize=True,  # with the test above: 150 examples, ~2 s each
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(cfg=configs(), attn_sel=selections("attention"), op=DECODE_OPS, prompt=st.integers(1, 9),
        new=st.integers(1, 6))
@@ -101,7 +101,7 @@ def test_random_grafted_decoders_decode_the_same_with_and_without_cache(cfg, att
     from graftc.site import Site
     from tests.helpers import perturb
 
-    model = _model(cfg)
+    model = _model({**cfg, "depth": max(cfg["depth"], 2)})  # every selection picks at least one layer
     example = {"input_ids": torch.randint(0, 64, (1, cfg["tokens"])), "use_cache": False}
     plan = {"version": 1, "graft": [{"select": attn_sel, "replace": op}]}
     grafted = graftc.compile(model, plan, example).model
@@ -109,7 +109,7 @@ def test_random_grafted_decoders_decode_the_same_with_and_without_cache(cfg, att
         if isinstance(module, Site):
             perturb(module.operator, scale=0.2, seed=1)
     ids = torch.randint(1, 64, (1, prompt), generator=torch.Generator().manual_seed(prompt))
-    settings_ = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+    settings_ = {"max_new_tokens": new, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         cached = grafted.generate(ids, **settings_)
         uncached = grafted.generate(ids, use_cache=False, **settings_)
