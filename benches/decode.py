@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ import torch
 import graftc
 from graftc.decode import RecurrentState, WindowKV
 from graftc.site import Site
+
+# past_key_values= works on transformers 5.17 (the GPU image) and 5.24, where it is deprecated for cache=
+warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
 
 OPS = {"swa": {"op": "swa", "window": 512}, "hyena_x": {"op": "hyena_x"}, "mamba2": {"op": "mamba2"}}
 SELECT = {"kind": "attention", "ratio": 0.5, "strategy": "interleaved"}
@@ -154,7 +158,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, sync) -> tuple[float, obj
     sync()
     start = time.perf_counter()
     with torch.no_grad():
-        model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     sync()
     return time.perf_counter() - start, cache
 
@@ -168,7 +172,7 @@ def decode_steps(models: dict, caches: dict, batch: int, steps: int, warmup: int
             for name, model in models.items():
                 sync()
                 start = time.perf_counter()
-                model(token, cache=caches[name], use_cache=True)
+                model(token, past_key_values=caches[name], use_cache=True)
                 sync()
                 if step >= warmup:
                     times[name].append(time.perf_counter() - start)
@@ -196,7 +200,7 @@ def check(device: str) -> list[str]:
             uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
             _, cache = prefill(model, prompt, lambda: None)
             wide = expand_cache(cache, 3)
-            one = model(prompt[:, -1:], cache=cache, use_cache=True).logits
+            one = model(prompt[:, -1:], past_key_values=cache, use_cache=True).logits
             three = model(prompt[:, -1:].expand(3, 1), cache=wide, use_cache=True).logits
         same = torch.equal(cached, uncached)
         rows = (three - one).abs().max().item() / one.abs().max().item()

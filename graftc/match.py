@@ -146,10 +146,25 @@ def _feeding_linears(node: fx.Node, limit: int = 2) -> list[fx.Node] | None:
             if len(found) > limit:
                 return None
         elif name in GEMMS:
+            if _positional(n):
+                continue  # e.g. a rotary table's inv_freq @ positions (transformers 5.17): no activation in it
             return None
         else:
             todo.extend(n.all_input_nodes)
     return found
+
+
+def _positional(gemm: fx.Node) -> bool:
+    """A GEMM of a module buffer (reached through shape and dtype ops only) with something else: the position
+    tables of rotary embeddings, not a product of activations."""
+    for operand in gemm.all_input_nodes:
+        n = operand
+        while n.op == "call_function" and op_name(n) in ("expand", "float", "_to_copy", "to", "unsqueeze", "view",
+                                                          "reshape", "clone", "contiguous", "slice", "select"):
+            n = n.args[0]
+        if n.op == "get_attr" or (n.op == "placeholder" and n.name.startswith("b_")):  # torch.export's buffers
+            return True
+    return False
 
 
 def _next_linears(node: fx.Node) -> list[fx.Node]:

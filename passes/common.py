@@ -1,8 +1,10 @@
 """What every new-operator rule shares: plugging a token mixer in at a region, and the teacher's weights.
 
-A new operator is an nn.Module mapping the region's input [B, N, D] to its output [B, N, D']. `install` puts it
-at the region's site (graftc.site.Site adapts the call signature) and turns the rest of a chained cover
-(BERT's `attention.output.dense`) into identities, since the operator already computes the whole region.
+A new operator is an nn.Module `forward(x, call=None)` mapping the region's input [B, N, D] to its output
+[B, N, D']; `call` (graftc.site.Call) carries the rest of the replaced module's call: padding mask, rotary
+positions, decode cache, layer index. `install` puts it at the region's site (graftc.site.Site adapts the call
+signature) and turns the rest of a chained cover (BERT's `attention.output.dense`) into identities, since the
+operator already computes the whole region.
 """
 from __future__ import annotations
 

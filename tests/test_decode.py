@@ -20,6 +20,9 @@ from graftc.site import Site
 from tests import zoo
 from tests.helpers import perturb, plan_of, save_and_load
 
+# past_key_values= (not 5.24's new cache=) works on transformers 5.17 as well, the GPU machine's version
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated")
+
 DECODER_OPS = {
     "swa-w3": {"op": "swa", "window": 3},  # shorter than the prompts: the sliding cache drops tokens
     "swa-w64": {"op": "swa", "window": 64},  # covers everything
@@ -57,9 +60,9 @@ def _cached_steps(model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = [model(tokens[:, :prompt], cache=cache, use_cache=True).logits]
+    out = [model(tokens[:, :prompt], past_key_values=cache, use_cache=True).logits]
     for t in range(prompt, tokens.shape[1]):
-        out.append(model(tokens[:, t:t + 1], cache=cache, use_cache=True).logits)
+        out.append(model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
     return torch.cat(out, 1)
 
 
@@ -199,8 +202,8 @@ def test_grafted_layers_decode_state_does_not_grow_with_context(op):
     for length in (8, 24):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(_prompt(length), cache=cache, use_cache=True)
-            model(_prompt(1), cache=cache, use_cache=True)
+            model(_prompt(length), past_key_values=cache, use_cache=True)
+            model(_prompt(1), past_key_values=cache, use_cache=True)
         sizes[length] = (_state_bytes(cache, 0), _state_bytes(cache, 1))
         assert cache.get_seq_length() == length + 1
     assert sizes[8][0] == sizes[24][0] > 0  # the grafted layer: constant
@@ -253,9 +256,9 @@ def test_cache_from_another_model_is_a_clear_error():
     teacher, model = _graft("llama", DECODER_OPS["hyena_x"], [0], "random", depth=2)
     cache = DynamicCache(config=teacher.config)
     with torch.no_grad():
-        teacher(_prompt(4), cache=cache, use_cache=True)
+        teacher(_prompt(4), past_key_values=cache, use_cache=True)
         with pytest.raises(GraftError, match="already holds 4 tokens"):
-            model(_prompt(1), cache=cache, use_cache=True)
+            model(_prompt(1), past_key_values=cache, use_cache=True)
 
 
 def test_partial_rotary_model_is_refused_for_operators_that_apply_rope():

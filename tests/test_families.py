@@ -89,3 +89,43 @@ def test_emit_code_shows_rewritten_forward(family):
     fqn = result.rewrites[0]["fqn"]
     code = graftc.compiler.emit_code(result.model, loaded.example, [fqn])
     assert f"forward of {fqn}" in code and "aten.linear" in code
+
+
+def test_attention_with_rotary_tables_made_by_a_matmul_is_found():
+    """transformers 5.17 builds RoPE's angles as inv_freq @ positions (a GEMM of a buffer): the q/k path still leads
+    back to the q and k Linears, and the region is found."""
+    import torch.nn.functional as F
+
+    from graftc.compiler import inspect_regions
+
+    class RotaryAttention(torch.nn.Module):
+        def __init__(self, width=16, heads=2):
+            super().__init__()
+            self.heads, self.dh = heads, width // heads
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+            self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, self.dh, 2).float() / self.dh))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            positions = torch.arange(n, device=x.device).float()
+            angles = (self.inv_freq[:, None] @ positions[None, :]).transpose(0, 1)  # [n, dh / 2], a matmul
+            cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+            def rope(t):
+                half = t.shape[-1] // 2
+                return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+            q, k, v = (p(x).view(b, n, self.heads, self.dh).transpose(1, 2) for p in (self.q, self.k, self.v))
+            y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            return self.o(y.transpose(1, 2).reshape(b, n, -1))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = RotaryAttention()
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    regions = inspect_regions(Block().eval(), (torch.randn(1, 5, 16),))
+    assert [(r.kind, r.fqn) for r in regions if r.kind == "attention"] == [("attention", "attn")]
