@@ -239,6 +239,75 @@ def make_bert(depth: int = 2, heads: int = 2, head_dim: int = 8):
 
 
 # ---------------------------------------------------------------------------
+# transformers image classifiers
+# ---------------------------------------------------------------------------
+
+VIT_IMAGE = 16  # pixels per side; patch 4 gives a 4 x 4 grid of patch tokens
+VIT_PATCH = 4
+VIT_LABELS = 10
+
+
+def vit(directory, depth: int = 2, heads: int = 2, head_dim: int = 16) -> str:
+    """Image classifier (``transformers.ViTForImageClassification``): class token + 4 x 4 patch grid.
+
+    Config: image_size 16, patch_size 4, num_channels 3, hidden ``heads * head_dim``,
+    intermediate 64, ``depth`` layers, 10 labels, qkv bias.
+
+    Inputs::
+
+        model(pixel_values)            # float (B, 3, 16, 16)
+        -> ImageClassifierOutput(logits=float (B, 10))
+
+    Load back with ``transformers.AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)``.
+    """
+    return _save(make_vit(depth=depth, heads=heads, head_dim=head_dim), directory)
+
+
+def _image_classifier(config_name: str, model_name: str, depth: int, heads: int, head_dim: int):
+    """A seeded, eval-mode transformers image classifier with the zoo's ViT sizes."""
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        image_size=VIT_IMAGE,
+        patch_size=VIT_PATCH,
+        num_channels=3,
+        hidden_size=heads * head_dim,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=64,
+        num_labels=VIT_LABELS,
+    )
+    torch.manual_seed(SEED)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def make_vit(depth: int = 2, heads: int = 2, head_dim: int = 16):
+    """In-memory (unsaved, eval-mode) model of :func:`vit`; same seed, so same weights."""
+    return _image_classifier("ViTConfig", "ViTForImageClassification", depth, heads, head_dim)
+
+
+def deit(directory, depth: int = 2, heads: int = 2, head_dim: int = 16) -> str:
+    """Image classifier (``transformers.DeiTForImageClassification``): class and distillation tokens + 4 x 4 grid.
+
+    Config as :func:`vit`; the sequence is [class, distillation, 16 patches] (18 tokens), the head reads the
+    class token.
+
+    Inputs::
+
+        model(pixel_values)            # float (B, 3, 16, 16)
+        -> ImageClassifierOutput(logits=float (B, 10))
+
+    Load back with ``transformers.AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)``.
+    """
+    return _save(make_deit(depth=depth, heads=heads, head_dim=head_dim), directory)
+
+
+def make_deit(depth: int = 2, heads: int = 2, head_dim: int = 16):
+    """In-memory (unsaved, eval-mode) model of :func:`deit`; same seed, so same weights."""
+    return _image_classifier("DeiTConfig", "DeiTForImageClassification", depth, heads, head_dim)
+
+
+# ---------------------------------------------------------------------------
 # pipelines (in memory, tiny random components)
 # ---------------------------------------------------------------------------
 
