@@ -63,6 +63,9 @@ class Select(Strict):
             raise ValueError(f"layers {value!r}: a slice step cannot be 0")
         if isinstance(value, list) and len(set(value)) != len(value):
             raise ValueError(f"layers lists an index twice: {value}")
+        if isinstance(value, list) and not value:
+            raise ValueError('layers is an empty list, which selects nothing (give indices, a slice string like '
+                             '"1::2", or "all")')
         return value
 
     @field_validator("fqn")
@@ -180,6 +183,17 @@ def plan_model() -> type[BaseModel]:
         graft: list[GraftStep] = Field(default_factory=list, description="rewrites, applied in order")
         distill: Distill | None = Field(None, description="quality recovery; absent = rewrite only")
         data: Data = Field(default_factory=Data, description="where distillation gets its inputs")
+        distill_only: bool = Field(False, description="true: the plan rewrites nothing and only distills (graft "
+                                                      "empty, distill given); otherwise an empty graft is an error")
+
+        @model_validator(mode="after")
+        def _distill_only(self):
+            if self.distill_only and self.graft:
+                raise ValueError(f"distill_only is true but graft lists {len(self.graft)} rewrite(s); "
+                                 "remove them or drop distill_only")
+            if self.distill_only and self.distill is None:
+                raise ValueError("distill_only is true but there is no distill section, so the plan does nothing")
+            return self
 
     return Plan
 
@@ -188,24 +202,62 @@ def json_schema() -> dict:
     return plan_model().model_json_schema()
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a user value, cut so that one error line stays readable however big the value is."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_plan(data: Any, source: str = "plan") -> BaseModel:
-    """Validate raw plan data. Every problem becomes one GraftError line naming the key path."""
+    """Validate raw plan data. Every problem becomes one GraftError line naming the key path.
+
+    Only the schema is checked here (so `parse_plan({"version": 1})` gives the defaults); `check_does_work`
+    refuses a plan that would change nothing, and `load_plan` does both."""
     if not isinstance(data, dict):
         raise GraftError(f"{source}: a plan is a mapping with keys version, graft, distill, data (got {type(data).__name__})")
     if "version" not in data:
         raise GraftError(f"{source}: missing 'version' (this graftc reads version 1)")
-    if data["version"] != 1:
-        raise GraftError(f"{source}: unsupported plan version {data['version']!r} (this graftc reads version 1)")
+    if type(data["version"]) is not int or data["version"] != 1:  # not True, not 1.0
+        raise GraftError(f"{source}: unsupported plan version {_short(data['version'])} (this graftc reads version 1)")
     Plan = plan_model()
     _check_keys(data, Plan, source)
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        path = _path(source, [p for p in err["loc"] if not (isinstance(p, str) and p in _op_names())])
+        # a union reports one error per member: the deepest is the one about the value the user wrote
+        located = [([p for p in e["loc"] if not _union_tag(p)], e) for e in exc.errors()]
+        loc, err = max(located, key=lambda item: len(item[0]))
+        path = _path(source, loc)
         msg = err["msg"].removeprefix("Value error, ")
-        got = f" (got {err['input']!r})" if err["type"] not in ("value_error", "missing") and not isinstance(err.get("input"), dict) else ""
+        got = f" (got {_short(err['input'])})" if err["type"] not in ("value_error", "missing") and not isinstance(err.get("input"), dict) else ""
         raise GraftError(f"{path}: {msg}{got}") from None
+
+
+def check_does_work(plan: BaseModel, source: str = "plan") -> BaseModel:
+    """A plan that would change nothing is a mistake (a typo'd or emptied graft list), unless it says it only
+    distills."""
+    if not plan.graft and not plan.distill_only:
+        raise GraftError(f"{source}: graft is empty, so the plan changes nothing; list at least one rewrite, or "
+                         "set distill_only: true (with a distill section) to only fine-tune the model")
+    return plan
+
+
+def plan_from_bytes(raw: bytes, source: str = "plan") -> BaseModel:
+    """A plan file's bytes -> a validated plan that does something; every problem is one GraftError line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GraftError(f"{source}: not a text file (byte 0x{raw[exc.start]:02x} at offset {exc.start} is not "
+                         "UTF-8); a plan is a YAML document") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise GraftError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise GraftError(f"{source}: nested too deeply to be a plan") from None
+    return check_does_work(parse_plan(data, source), source)
 
 
 def load_plan(path: str | Path) -> BaseModel:
@@ -213,12 +265,10 @@ def load_plan(path: str | Path) -> BaseModel:
     if not path.is_file():
         raise GraftError(f"plan file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise GraftError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_plan(data, str(path))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GraftError(f"{path}: cannot read the plan: {exc.strerror or exc}") from None
+    return plan_from_bytes(raw, str(path))
 
 
 def dump_plan(plan: BaseModel) -> str:
@@ -231,6 +281,14 @@ def _op_names() -> list[str]:
     from graftc.rules import rules_by_op
 
     return list(rules_by_op())
+
+
+_TYPE_TAG = re.compile(r"^([a-z-]+\[.*\]|str|int|float|bool|none)$")
+
+
+def _union_tag(part) -> bool:
+    """A loc entry naming a union member (an op name, "dict[...]", "str"), not a key the user wrote."""
+    return isinstance(part, str) and (part in _op_names() or bool(_TYPE_TAG.match(part)))
 
 
 def _path(source: str, loc) -> str:
@@ -254,15 +312,15 @@ def _check_keys(data: Any, model: type[BaseModel], path: str) -> None:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise GraftError(f"{path}: unknown key '{key}'{hint} (allowed: {', '.join(fields)})")
+            raise GraftError(f"{path}: unknown key {_short(str(key))}{hint} (allowed: {', '.join(fields)})")
         candidates = _models_in(fields[key].annotation)
         if len(candidates) > 1 and isinstance(value, dict):  # the op union: pick the config by its op tag
             ops = {m.model_fields["op"].default: m for m in candidates if "op" in m.model_fields}
             op = value.get("op")
-            if op not in ops:
+            if not isinstance(op, str) or op not in ops:  # a list or mapping as op is not hashable
                 close = difflib.get_close_matches(str(op), list(ops), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                what = "missing 'op'" if op is None else f"unknown op '{op}'"
+                what = "missing 'op'" if op is None else f"unknown op {_short(op)}"
                 raise GraftError(f"{path}.{key}: {what}{hint} (allowed: {', '.join(ops)})")
             candidates = [ops[op]]
         if len(candidates) == 1:

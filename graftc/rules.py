@@ -17,7 +17,7 @@ from graftc.match import Region
 class Strict(BaseModel):
     """Base for every plan object: unknown keys are errors, every field has a default and a description."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # no inf/NaN lr, scale, ...
 
 
 class OpConfig(Strict):
