@@ -2,14 +2,17 @@
 
 Written into a temporary sibling and renamed at the end, so OUT exists only when complete. Loading replays
 the manifest's rewrites on the base model and reads tensors from safetensors: nothing in an artifact is
-executed or unpickled.
+executed or unpickled. The manifest records its format and the sha256 of model.safetensors; loading checks
+both (`verify`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ from graftc.errors import GraftError, read_json
 from graftc.plan import dump_plan
 
 FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
+FORMAT = 2  # 2: the manifest records model_sha256; 1: it does not (still read, nothing to verify)
 
 
 def check_parent(out: Path) -> None:
@@ -40,6 +44,55 @@ def write_text(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+@contextmanager
+def out_lock(out: Path):
+    """Hold an exclusive lock beside `out` while a run writes it, so a second run into the same OUT fails at once
+    instead of replacing the first one's artifact. The kernel drops a flock when its process ends (even on
+    kill -9), so a lock file left by a dead run is simply taken over. Folders made for the lock are removed
+    again when nothing was written into them."""
+    import fcntl
+
+    out = Path(out)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes OUT, so only rank 0 locks it
+        yield None
+        return
+    check_parent(out)
+    made = [p for p in out.absolute().parents if not p.exists()]  # deepest first
+    path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise GraftError(f"output {out} is being written by another graftc run"
+                                 f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish or choose "
+                                 f"another -o (lock file {path})") from None
+            try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as exc:
+        raise GraftError(f"output {out}: cannot create the lock file {path}: {exc.strerror or exc}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        os.unlink(path)  # still holding the lock, so no one else can be using this file
+        os.close(fd)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the output (or something else) is in it
+                break
+
+
 def staging_dir(out: Path) -> Path:
     """A fresh hidden folder beside `out` (parents made as needed): outputs are written there, then renamed to
     `out`, so a failure never leaves a half-written `out`."""
@@ -58,7 +111,8 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
     try:
         save_model(result.model, str(tmp / "model.safetensors"))
         (tmp / "plan.yaml").write_text(dump_plan(result.plan))
-        manifest = {"format": 1, "graftc_version": __version__,
+        manifest = {"format": FORMAT, "graftc_version": __version__,
+                    "model_sha256": file_sha256(tmp / "model.safetensors"),
                     "base": {"spec": spec, "class": type(result.model).__qualname__, "weights_sha256": base_hash},
                     "rewrites": result.rewrites, "distill": distill or {}}
         if quality:
@@ -76,22 +130,58 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
     return out
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_manifest(out: str | Path) -> dict:
     out = Path(out)
     path = out / "manifest.json"
     if not path.is_file():
         raise GraftError(f"{out}: not a graftc artifact (no manifest.json)")
     manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != 1:
-        raise GraftError(f"{path}: unsupported manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} (expected 1)")
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if type(fmt) is int and fmt > FORMAT:
+        raise GraftError(f"{path}: artifact format {fmt} (written by graftc {manifest.get('graftc_version', '?')}) "
+                         f"is newer than this graftc {__version__} reads (format {FORMAT}); upgrade graftc")
+    if type(fmt) is not int or fmt < 1:
+        raise GraftError(f"{path}: unsupported manifest format {fmt!r} (this graftc reads formats 1 to {FORMAT})")
     return manifest
 
 
-def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bool = False) -> torch.nn.Module:
+def verify_artifact(out: str | Path) -> dict:
+    """Check the artifact's format and that model.safetensors is the file its manifest recorded (sha256).
+    Returns {"format", "sha256", "bytes"}; any problem is a GraftError."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    weights = out / "model.safetensors"
+    if not weights.is_file():
+        raise GraftError(f"{out}: model.safetensors is missing")
+    recorded = manifest.get("model_sha256")
+    if manifest["format"] < 2:
+        raise GraftError(f"{out}: format 1 artifact (graftc {manifest.get('graftc_version', '?')}) records no sha256 "
+                         "of model.safetensors, so it cannot be verified; compile it again to get one")
+    if not (isinstance(recorded, str) and len(recorded) == 64):
+        raise GraftError(f"{out / 'manifest.json'}: model_sha256 is missing or not a sha256 hex digest")
+    actual = file_sha256(weights)
+    if actual != recorded:
+        raise GraftError(f"{weights}: sha256 {actual[:16]}... does not match the {recorded[:16]}... recorded in "
+                         "manifest.json: the file was changed or damaged after it was written")
+    return {"format": manifest["format"], "sha256": actual, "bytes": weights.stat().st_size}
+
+
+def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bool = False,
+         verify: bool = True) -> torch.nn.Module:
     """Rebuild a grafted model: base model (from the manifest's spec, or `model`) + replayed rewrites + weights.
 
     A `python:` base spec runs the named function to build the model; it is only followed when
     `allow_python=True` (or pass the base `model` yourself), because the spec string comes from the artifact.
+    `verify`: check model.safetensors against the sha256 the manifest recorded (format 2; format 1 records none);
+    `verify=False` skips reading the file twice.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -117,4 +207,6 @@ def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bo
     if missing or unexpected:
         raise GraftError(f"{weights}: does not match the replayed model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
+    if verify and manifest["format"] >= 2:  # after reading, so a file that is not safetensors says so first
+        verify_artifact(out)
     return model.eval()

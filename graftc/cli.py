@@ -31,18 +31,26 @@ def note(line: str) -> None:
 
 
 def _compile(args) -> int:
-    import copy
-    import shutil
     from pathlib import Path
 
     from graftc import artifact
-    from graftc.compiler import compile as graft, emit_code
     from graftc.plan import load_plan
-    from graftc.report import human, report_markdown
-    from graftc.spec import load_model, weights_hash
 
     plan = load_plan(args.plan)  # validated before any model is loaded
     out = Path(args.output)
+    with artifact.out_lock(out):  # a second compile into the same OUT meanwhile exits 2 at once
+        return _compile_locked(args, plan, out)
+
+
+def _compile_locked(args, plan, out) -> int:
+    import copy
+    import shutil
+
+    from graftc import artifact
+    from graftc.compiler import compile as graft, emit_code
+    from graftc.report import human, report_markdown
+    from graftc.spec import load_model, weights_hash
+
     artifact.check_out_dir(out, args.force or args.resume)
     workdir = out.parent / f".{out.name}.graftc-run"  # checkpoints of an unfinished distillation
     start = time.perf_counter()
@@ -121,6 +129,15 @@ def _sweep(args) -> int:
         raise
     print("Pareto front (fewer FLOPs, lower error): " + ", ".join(r["name"] for r in front))
     print(f"wrote {out}")
+    return 0
+
+
+def _verify(args) -> int:
+    from graftc import artifact
+
+    info = artifact.verify_artifact(args.artifact)
+    print(f"{args.artifact}: ok (format {info['format']}; model.safetensors {info['bytes']} bytes, "
+          f"sha256 {info['sha256']} as recorded)")
     return 0
 
 
@@ -386,6 +403,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--cache", help="data cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     w.add_argument("--seed", type=int, default=0, help="seed")
     w.set_defaults(run=_sweep)
+    v = sub.add_parser("verify", help="check an artifact: its format and the sha256 of model.safetensors")
+    v.add_argument("artifact", help="artifact directory (written by graftc compile)")
+    v.set_defaults(run=_verify)
     sch = sub.add_parser("plan-schema", help="print the plan's JSON Schema")
     sch.set_defaults(run=_plan_schema)
     return p
