@@ -15,7 +15,9 @@ the replaced attention did. Which of them an operator uses is its own business: 
 
 The same forward also records the token grid of image models (`region.attrs["grid"]`): the output of a 2D
 convolution whose spatial size h x w equals the region's token count (the patch embedding of a DiT, PixArt or
-ViT), which 2D operators need to know where a token's neighbours are.
+ViT), which 2D operators need to know where a token's neighbours are. A ViT's sequence holds a few tokens before
+its patches (class, distillation, register tokens): their number is recorded as `region.attrs["prefix"]` (absent
+when 0), and they are taken to lead the sequence, as in transformers' ViT/DeiT/BEiT and timm's ViTs.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from torch._subclasses.fake_tensor import is_fake
 from graftc.errors import GraftError
 from graftc.match import Region
 
+# Most tokens a sequence may hold before its patch grid (class, distillation and register tokens) for the grid to
+# be taken as its token grid: ViTs with 4 registers have 5.
+MAX_PREFIX = 8
 # Where transformers' attention modules receive each part of their call (5.x names first, older ones after).
 CONTEXT_NAMES = {
     "mask": ("attention_mask",),
@@ -79,9 +84,12 @@ def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Regio
         if fqn in seen:
             region.attrs["site"] = {**seen[fqn], "decodes": decodes}
         tokens = region.input_shape[-2] if len(region.input_shape) >= 2 else -1
-        grid = sorted(g for g in grids if g[0] * g[1] == tokens)
+        # the fewest tokens outside the grid: 0 for a DiT, 1 for a ViT's class token, 2 with DeiT's distillation token
+        grid = sorted((tokens - g[0] * g[1], g) for g in grids if 0 <= tokens - g[0] * g[1] <= MAX_PREFIX)
         if grid:
-            region.attrs["grid"] = list(grid[0])
+            region.attrs["grid"] = list(grid[0][1])
+            if grid[0][0]:
+                region.attrs["prefix"] = grid[0][0]
 
 
 def _where(params: list[str], call_kwargs: dict, names: tuple[str, ...]) -> dict | None:

@@ -366,6 +366,26 @@ def _load_transformers(path: Path, config: dict, tokenizer=None) -> Loaded:
     model = _from_pretrained(cls, path, trust_remote_code=False)
     if tokenizer is not None:
         return _with_text_inputs(Loaded("", model, family="transformers"), tokenizer, path)
+    pixels = _image_inputs(model, path)
+    if pixels is not None:
+        return Loaded("", model, (), pixels, family="image-classifier")
     vocab = getattr(model.config, "vocab_size", 100) or 100
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     return Loaded("", model, (), _transformers_inputs(model, ids), family="transformers")
+
+
+def _image_inputs(model, path: Path) -> dict | None:
+    """Example `pixel_values` for a vision transformer (ViT, DeiT, BEiT, ...): one image of the config's
+    num_channels x image_size, or None when the model does not take pixel_values or its config lacks the sizes."""
+    config = model.config
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        return None
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if size is None or channels is None or getattr(config, "patch_size", None) is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if not all(isinstance(v, int) and v > 0 for v in (height, width, channels)):
+        raise GraftError(f"{path}/config.json: image_size {size!r} and num_channels {channels!r} must be positive "
+                         "integers (or image_size a [height, width] pair)")
+    return {"pixel_values": torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(0))}
+

@@ -3,6 +3,11 @@ neighbourhood on the model's token grid). Same heads, K/V heads, head size, proj
 positions as the teacher; only which keys a query sees changes, so with `init: teacher` a window that covers the
 whole sequence reproduces the teacher.
 
+Prefix tokens (a ViT's class token, DeiT's distillation token, register tokens) lead the sequence before the patch
+grid. In `swa2d` they stay global: a prefix token attends to every token, and every token attends to the prefix
+tokens besides its k x k neighbourhood, in one softmax. So the class token still pools the whole image, and a kernel
+that covers the grid is the teacher's attention again.
+
 Decoding: `swa` keeps the last `window` tokens' K/V (at the teacher's kv_heads) in transformers' sliding-window
 cache layer, so a token sees the last `window` tokens and itself, with memory O(window) whatever the context.
 Padding (the model's mask) is honoured in every path: padded keys take no part.
@@ -14,6 +19,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from graftc.kernels.local_attention import neighborhood_attention, window_attention, window_attention_over
 from graftc.match import Region
@@ -52,19 +60,66 @@ class WindowAttention(ProjectedAttention):
                 f"causal={self.causal}")
 
 
+class _GridWithGlobalKeys(torch.autograd.Function):
+    """Softmax attention of grid queries over their k x k neighbourhood (the kernel) and over a few global keys,
+    in one softmax: the two partial results are merged by their log-sum-exps. The backward hands the kernel's
+    backward the merged output and log-sum-exp, from which it rebuilds each local key's share of the merged
+    softmax, and adds the global keys' part densely (they are few)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_global, v_global, grid, kernel):
+        scale = q.shape[-1] ** -0.5
+        out_local, lse_local = torch.ops.graftc.neighborhood_attention(q, k, v, grid[0], grid[1], kernel, scale)
+        scores = (q @ k_global.transpose(-1, -2)).to(lse_local.dtype) * scale  # [B, H, N, P]
+        lse = torch.logaddexp(lse_local, torch.logsumexp(scores, -1))
+        probs = torch.exp(scores - lse[..., None])
+        out = (out_local * torch.exp(lse_local - lse)[..., None] + (probs @ v_global.to(probs.dtype))).to(q.dtype)
+        ctx.save_for_backward(q, k, v, k_global, v_global, out, lse, probs)
+        ctx.geometry, ctx.scale = (grid[0], grid[1], kernel // 2, kernel // 2, False), scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, k_global, v_global, out, lse, probs = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = torch.ops.graftc.local_attention_backward(dout, q, k, v, out, lse, *ctx.geometry, ctx.scale)
+        d32 = dout.to(probs.dtype)
+        delta = (d32 * out.to(probs.dtype)).sum(-1, keepdim=True)
+        dscores = probs * (d32 @ v_global.to(probs.dtype).transpose(-1, -2) - delta)
+        dq = dq + (dscores @ k_global.to(probs.dtype) * ctx.scale).to(dq.dtype)
+        dk_global = (dscores.transpose(-1, -2) @ q.to(probs.dtype) * ctx.scale).to(k_global.dtype)
+        dv_global = (probs.transpose(-1, -2) @ d32).to(v_global.dtype)
+        return dq, dk, dv, dk_global, dv_global, None, None
+
+
+def grid_attention(q, k, v, grid: tuple[int, int], kernel: int, prefix: int = 0) -> torch.Tensor:
+    """swa2d's attention on [B, H, prefix + height * width, dh]: the `prefix` leading tokens attend to all tokens,
+    grid tokens to the prefix tokens and their k x k neighbourhood (one softmax each)."""
+    if not prefix:
+        return neighborhood_attention(q, k, v, grid, kernel)
+    head = F.scaled_dot_product_attention(q[:, :, :prefix], k, v)
+    cells = [t[:, :, prefix:].contiguous() for t in (q, k, v)]
+    rest = _GridWithGlobalKeys.apply(*cells, k[:, :, :prefix], v[:, :, :prefix], tuple(grid), kernel)
+    return torch.cat([head, rest], 2)
+
+
 class NeighborhoodAttention(ProjectedAttention):
     def __init__(self, width, heads, head_dim, out_width, grid: tuple[int, int], kernel: int, kv_heads=None,
-                 teacher=None, **like):
+                 teacher=None, prefix: int = 0, **like):
         super().__init__(width, heads, head_dim, out_width, kv_heads, teacher, **like)
-        self.grid, self.kernel = tuple(grid), kernel
+        self.grid, self.kernel, self.prefix = tuple(grid), kernel, prefix
 
     def core(self, q, k, v, call):
-        if call.mask is not None and call.valid(q.shape[-2]) is not None:
+        valid = call.valid(q.shape[-2]) if call.mask is not None else None
+        # a shape-only forward (export) cannot tell an all-true mask, e.g. the one transformers' ViT builds there
+        if valid is not None and not is_fake(valid):
             raise ValueError("swa2d: padded tokens on an image grid are not supported (every grid cell is a token)")
-        return neighborhood_attention(q, self.repeat_kv(k), self.repeat_kv(v), self.grid_for(q.shape[-2]), self.kernel)
+        grid = self.grid_for(q.shape[-2] - self.prefix)
+        return grid_attention(q, self.repeat_kv(k), self.repeat_kv(v), grid, self.kernel, self.prefix)
 
     def grid_for(self, tokens: int) -> tuple[int, int]:
-        """The grid seen at graft time; a square grid scales to another square resolution."""
+        """The grid seen at graft time; a square grid scales to another square resolution. `tokens`: grid tokens
+        (the prefix tokens left out)."""
         height, width = self.grid
         if height * width == tokens:
             return height, width
@@ -74,7 +129,8 @@ class NeighborhoodAttention(ProjectedAttention):
         raise ValueError(f"swa2d was grafted for a {height}x{width} token grid and cannot place {tokens} tokens on it")
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, grid={self.grid}, kernel={self.kernel}"
+        return (f"heads={self.heads}, head_dim={self.head_dim}, grid={self.grid}, kernel={self.kernel}"
+                + (f", prefix={self.prefix}" if self.prefix else ""))
 
 
 class SwaConfig(MixerConfig):
@@ -88,6 +144,9 @@ class Swa2dConfig(MixerConfig):
     kernel: int = Field(7, ge=1, description="odd side of the k x k neighbourhood on the token grid")
     grid: list[int] | None = Field(None, min_length=2, max_length=2,
                                    description="[height, width] of the token grid; default: inferred from the model")
+    prefix: int | None = Field(None, ge=0, description="tokens before the grid (class, distillation, register "
+                                                      "tokens), global: they see every token and every token sees "
+                                                      "them; default: inferred with the grid, 0 when grid is given")
 
 
 def guard_swa(region: Region, config: SwaConfig) -> str | None:
@@ -99,21 +158,30 @@ def build_swa(region: Region, config: SwaConfig, model: torch.nn.Module) -> dict
     return build_projected(region, config, model, WindowAttention, window=config.window, causal=causal)
 
 
+def _grid_and_prefix(region: Region, config: Swa2dConfig) -> tuple[list[int] | None, int]:
+    if config.grid is not None:
+        return config.grid, config.prefix or 0
+    prefix = region.attrs.get("prefix", 0) if config.prefix is None else config.prefix
+    return region.attrs.get("grid"), prefix
+
+
 def build_swa2d(region: Region, config: Swa2dConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return build_projected(region, config, model, NeighborhoodAttention, grid=config.grid or region.attrs["grid"],
-                  kernel=config.kernel)
+    grid, prefix = _grid_and_prefix(region, config)
+    return build_projected(region, config, model, NeighborhoodAttention, grid=grid, kernel=config.kernel,
+                           prefix=prefix)
 
 
 def guard_swa2d(region: Region, config: Swa2dConfig) -> str | None:
     if config.kernel % 2 == 0:
         return f"kernel must be odd (a centred k x k neighbourhood), got {config.kernel}"
     tokens = region.input_shape[-2]
-    if config.grid is not None:
-        if config.grid[0] * config.grid[1] != tokens:
-            return f"grid {config.grid[0]}x{config.grid[1]} does not hold the region's {tokens} tokens"
-    elif "grid" not in region.attrs:
+    grid, prefix = _grid_and_prefix(region, config)
+    if grid is None:
         return (f"no token grid can be inferred for its {tokens} tokens (no 2D patch embedding of that size "
                 "was seen); give one with replace: {op: swa2d, grid: [height, width]}")
+    if prefix + grid[0] * grid[1] != tokens:
+        return (f"grid {grid[0]}x{grid[1]}" + (f" after {prefix} prefix tokens" if prefix else "")
+                + f" does not hold the region's {tokens} tokens")
     problem = guard_positions(region, config)
     if problem is None and "cache" in region.attrs["site"].get("context", {}):
         return f"{region.cover[0]} decodes with a cache; swa2d is for image grids (use swa)"

@@ -22,7 +22,7 @@ ATTENTION_OPS = {
 }
 MLP_OPS = {"mlp_hyena_x": {}}
 OPS = {**ATTENTION_OPS, **MLP_OPS}
-IMAGE_FAMILIES = {"diffusers-dit", "pixart-sigma", "graftc-dit"}
+IMAGE_FAMILIES = {"diffusers-dit", "pixart-sigma", "graftc-dit", "vit"}
 DECODER_FAMILIES = {"qwen3-gqa", "llama"}  # decode with a KV cache: a token-mixing MLP is refused there
 FAMILIES = [f for f in zoo.FAMILIES if f != "demo"]  # demo is graftc-dit at other weights
 LM_EXAMPLE = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "use_cache": False}

@@ -443,6 +443,7 @@ FAMILIES = {
     "qwen3-gqa": lambda d: qwen3(d, depth=FAMILY_DEPTH),
     "llama": lambda d: llama(d, depth=FAMILY_DEPTH),
     "bert": lambda d: bert(d, depth=FAMILY_DEPTH),
+    "vit": lambda d: vit(d, depth=FAMILY_DEPTH),
     "graftc-dit": lambda d: "dit:tiny",
     "demo": lambda d: "demo:tiny-dit",
 }
