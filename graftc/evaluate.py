@@ -452,7 +452,9 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
               text: Optional[str] = None, cache: Optional[str] = None, batch_size: int = 16) -> dict:
     """Output MSE and mean per-sample cosine of student vs teacher on held-out inputs of the model's task; for
     encoders (transformers models that are not causal LMs) also ``embedding_cosine``, the mean cosine of their
-    sentence embeddings (:func:`sentence_embedding`)."""
+    sentence embeddings (:func:`sentence_embedding`); for image classifiers ``top1_agreement``, the share of
+    held-out images both give the same class, and where the images' labels are the classifier's classes each
+    model's ``top1_accuracy`` ({"teacher": ..., "graft": ...})."""
     from graftc.distill.data import make_task
 
     with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
@@ -460,12 +462,16 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
                           text=text, cache=cache or tmp)
         task = make_task(loaded, data, seed)
         task.prepare(teacher, log=lambda line: None)
-        batches = task.val_batches(batch_size)
+        # a task with a held-out test split (images) is evaluated on it, else on its validation split
+        batches = getattr(task, "eval_batches", task.val_batches)(batch_size)
     encoder = loaded.family == "transformers" and task.own_objective != "lm"
     device = next(student.parameters()).device
     move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     sq = n = 0.0
     cosines, embedding_cosines = [], []
+    classifies = getattr(task, "classifies", False)
+    labelled = classifies and task.labels_fit(teacher)
+    same = correct_t = correct_s = 0
     for b in batches:
         args, kwargs = tuple(move(a) for a in b.args), {k: move(v) for k, v in b.kwargs.items()}
         if encoder:  # models with a head return no last_hidden_state: the last of the hidden states is it
@@ -476,6 +482,11 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
         sq += float(((s - t) ** 2).sum())
         n += t.numel()
         cosines.append(torch.nn.functional.cosine_similarity(s, t, dim=1))
+        if classifies:  # logits [B, classes]: the predicted class of each image
+            same += int((s.argmax(-1) == t.argmax(-1)).sum())
+            if labelled:
+                y = b.target["y"].to(t.device)
+                correct_t, correct_s = correct_t + int((t.argmax(-1) == y).sum()), correct_s + int((s.argmax(-1) == y).sum())
         if encoder:
             mask = kwargs.get("attention_mask")  # the text task's blocks carry none: every token is real
             embedding_cosines.append(torch.nn.functional.cosine_similarity(
@@ -485,6 +496,11 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
            "cosine_min": float(cos.min())}
     if embedding_cosines:
         out["embedding_cosine"] = float(torch.cat(embedding_cosines).mean())
+    if classifies:
+        out["images"] = task.source
+        out["top1_agreement"] = same / cos.numel()
+        if labelled:
+            out["top1_accuracy"] = {"teacher": correct_t / cos.numel(), "graft": correct_s / cos.numel()}
     return out
 
 
@@ -700,6 +716,8 @@ def evaluate(target: dict, teacher: Optional[dict], loaded, extractor: Optional[
             log("eval: teacher-vs-graft agreement")
             result["agreement"] = agreement(teacher["model"], target["model"], loaded, samples, steps, cfg, seed,
                                             text=text, cache=cache)
+            for name, accuracy in result["agreement"].pop("top1_accuracy", {}).items():
+                result["models"][name]["top1_accuracy"] = accuracy  # the teacher beside the graft
         speed = compare(teacher["model"], target["model"], loaded)
     else:
         speed = compare(target["model"], target["model"], loaded)
@@ -727,7 +745,7 @@ def table(result: dict) -> str:
     labels = {"params": "params", "flops": "FLOPs (example inputs)", "fd": "FD (lower is better)", "sfid": "sFID",
               "is": "IS", "precision": "precision (k=3)", "recall": "recall (k=3)",
               "perplexity": "perplexity (--text)", "heldout_perplexity": "perplexity (held-out pydoc_data)",
-              "decode_tokens_per_s": "decode tokens/s (cache)"}
+              "decode_tokens_per_s": "decode tokens/s (cache)", "top1_accuracy": "top-1 accuracy (image labels)"}
     for key, label in labels.items():
         if any(key in result["models"][n] for n in names):
             rows.append((label, *(_fmt(result["models"][n].get(key)) for n in names)))
@@ -746,6 +764,8 @@ def table(result: dict) -> str:
         head = (f"eval: held-out pydoc_data topics (graftc.text), {h['windows'][0]} windows of {h['windows'][1]} tokens, "
                 f"decode {h['new_tokens']} tokens after {h['context']}" if "windows" in h else
                 f"eval: held-out pydoc_data sentences (graftc.text), {h['sentences']} of them")
+    if "images" in result.get("agreement", {}):  # an image classifier: the diffusion settings do not apply
+        head = f"eval: held-out images from {result['agreement']['images']}, seed {s['seed']}"
     if s.get("reference"):
         head += f" (reference {s['reference']})"
     out = [head, *lines]
@@ -757,6 +777,9 @@ def table(result: dict) -> str:
                 f"cosine {a['cosine']:.4f} (min {a['cosine_min']:.4f})")
         if "embedding_cosine" in a:
             line += f", sentence-embedding cosine {a['embedding_cosine']:.6f}"
+        if "top1_agreement" in a:
+            line = (f"agreement with the teacher on {a['inputs']} held-out images ({a['images']}): top-1 agreement "
+                    f"{a['top1_agreement']:.2%}, logits MSE {a['mse']:.4g}, cosine {a['cosine']:.4f}")
         out.append(line)
     if "heldout" in result:
         h, where = result["heldout"], result["settings"]["heldout"]

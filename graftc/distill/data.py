@@ -523,4 +523,8 @@ def make_task(loaded, data, seed: int) -> Task:
         return DiffusersTask(loaded, data, seed)
     if loaded.family == "transformers":
         return TextTask(loaded, data, seed)
+    if loaded.family == "image-classifier":
+        from graftc.distill.images import ImageTask
+
+        return ImageTask(loaded, data, seed)
     return ExampleTask(loaded, data, seed)

@@ -1,0 +1,144 @@
+"""Distillation data for image classifiers (transformers ViT/DeiT folders, family "image-classifier").
+
+Without `data.images`, the inputs are real images that need no download: scikit-learn's 8x8 digits, scaled to
+the model's image size, repeated over its channels and normalized with the model's own mean and std (its folder's
+preprocessor_config.json; else 0.5 and 0.5, the ViT processors' default). `data.images` names a safetensors file
+with x0 [N, C, H, W] already in the model's input space (and optionally y [N] labels) instead.
+
+The images are shuffled by the seed and their last fifth is held out for evaluation (`eval_batches`): neither
+stage trains on it, nor validates on it, so `graftc eval` compares teacher and graft on images the graft never saw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from graftc.distill.data import Batch, Task, generator
+from graftc.errors import GraftError, read_json
+
+DEFAULT_MEAN_STD = (0.5, 0.5)
+TEST_SHARE = 0.2  # of the images, held out for evaluation
+
+
+def image_input(loaded) -> tuple[str | int, torch.Tensor]:
+    """Where the loaded model takes its image (the `pixel_values` keyword, else the first positional argument)
+    and the example image [1, C, H, W]."""
+    if isinstance(loaded.kwargs.get("pixel_values"), torch.Tensor):
+        return "pixel_values", loaded.kwargs["pixel_values"]
+    if loaded.args and isinstance(loaded.args[0], torch.Tensor) and loaded.args[0].dim() == 4:
+        return 0, loaded.args[0]
+    raise GraftError(f"{loaded.spec}: no image input (pixel_values [B, C, H, W]) among the example inputs")
+
+
+def normalization(loaded) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std the model's images are normalized with."""
+    channels = image_input(loaded)[1].shape[1]
+    mean, std = DEFAULT_MEAN_STD
+    config = Path(loaded.spec) / "preprocessor_config.json"
+    if config.is_file():
+        processor = read_json(config)
+        mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
+    as_channels = lambda v: torch.as_tensor(v, dtype=torch.float32).flatten().expand(channels).reshape(channels, 1, 1)  # noqa: E731
+    try:
+        return as_channels(mean), as_channels(std)
+    except RuntimeError:
+        raise GraftError(f"{config}: image_mean {mean!r} and image_std {std!r} do not fit the model's "
+                         f"{channels} channels") from None
+
+
+def digits_images(shape: tuple[int, int, int], mean: torch.Tensor, std: torch.Tensor):
+    """scikit-learn's digits as (images [1797, C, H, W] in the model's input space, labels [1797])."""
+    from graftc.models.demo import load_digits_tensor
+
+    digits, labels = load_digits_tensor()  # [N, 1, 8, 8] in [-1, 1]
+    channels, height, width = shape
+    pixels = F.interpolate((digits + 1) / 2, size=(height, width), mode="bilinear", align_corners=False)
+    return (pixels.expand(-1, channels, -1, -1) - mean) / std, labels
+
+
+class ImageTask(Task):
+    """Image classifiers: real images in, logits out; the distillation loss is KL(teacher || student) of the
+    class distributions."""
+
+    name = "images"
+    classifies = True  # outputs are class logits: evaluation reports top-1 agreement
+
+    def __init__(self, loaded, data, seed):
+        super().__init__(loaded, data, seed)
+        self.where, example = image_input(loaded)
+        self.shape = tuple(example.shape[1:])
+        self.source = data.images or "demo:digits"
+
+    def prepare(self, teacher, log=print) -> None:
+        where = f"data.images: {self.source}"
+        if self.source == "demo:digits":
+            x0, y = digits_images(self.shape, *normalization(self.loaded))
+        elif self.source.startswith("demo:"):
+            raise GraftError(f"{where}: unknown built-in data set (known: demo:digits)")
+        else:
+            x0, y = self._read(where)
+        if len(x0) < 3:
+            raise GraftError(f"{where}: {len(x0)} images are too few to hold out a test and a validation share")
+        order = torch.randperm(len(x0), generator=generator(self.seed, "images"))
+        images = {"x0": x0[order].contiguous(), **({"y": y[order].contiguous()} if y is not None else {})}
+        fit = len(x0) - max(1, round(len(x0) * TEST_SHARE))
+        self.samples = {k: v[:fit] for k, v in images.items()}
+        self.test = {k: v[fit:] for k, v in images.items()}
+        self._split()
+        log(f"data: {len(x0)} images {list(self.shape)} from {self.source} ({len(x0) - fit} held out for evaluation)")
+
+    def _read(self, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not Path(self.source).is_file():
+            raise GraftError(f"{where}: file not found")
+        try:
+            tensors = load_file(self.source)
+        except (SafetensorError, OSError) as e:
+            raise GraftError(f"{where}: not a readable safetensors file ({e})") from None
+        x0, y = tensors.get("x0"), tensors.get("y")
+        if x0 is None or x0.dim() != 4 or tuple(x0.shape[1:]) != self.shape:
+            got = tuple(x0.shape) if x0 is not None else f"no x0 (has {sorted(tensors)})"
+            raise GraftError(f"{where}: needs x0 [N, {', '.join(map(str, self.shape))}], the model's input "
+                             f"(got {got})")
+        if not x0.is_floating_point() or not torch.isfinite(x0).all():
+            raise GraftError(f"{where}: x0 must hold finite floating-point pixels")
+        if y is not None and (y.shape != (len(x0),) or y.is_floating_point() or int(y.min()) < 0):
+            raise GraftError(f"{where}: y must be [N] non-negative integer labels, one per image")
+        return x0.float(), (y.long() if y is not None else None)
+
+    def make(self, index, g):
+        return self._batch({k: v[index] for k, v in self.samples.items()})
+
+    def eval_batches(self, size: int) -> list[Batch]:
+        """The held-out test images in batches of `size` (never trained or validated on)."""
+        n = len(self.test["x0"])
+        return [self._batch({k: v[start:start + size] for k, v in self.test.items()}) for start in range(0, n, size)]
+
+    def _batch(self, images: dict[str, torch.Tensor]) -> Batch:
+        x = images["x0"]
+        target = {"y": images["y"]} if "y" in images else {}
+        if self.where == "pixel_values":
+            static = {k: v for k, v in self.loaded.kwargs.items() if not isinstance(v, torch.Tensor)}
+            return Batch((), {**static, "pixel_values": x}, target)
+        return Batch((x, *self.loaded.args[1:]), dict(self.loaded.kwargs), target)
+
+    def output(self, out):
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else super().output(out)
+
+    def distill_loss(self, student, teacher, weights=None):
+        return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                        reduction="batchmean")
+
+    def labels_fit(self, model) -> bool:
+        """Whether the images' labels are this classifier's classes (as many labels as it has outputs), so its
+        top-1 accuracy on them means something."""
+        if "y" not in self.test:
+            return False
+        classes = getattr(getattr(model, "config", None), "num_labels", None) or getattr(model, "num_classes", None)
+        labels = torch.cat([self.samples["y"], self.test["y"]])
+        return isinstance(classes, int) and int(labels.max()) + 1 == classes
