@@ -214,7 +214,7 @@ def test_artifact_reloads_and_generates_identically_with_layer_types_in_config(t
     from transformers import AutoConfig
 
     spec = zoo.qwen3(tmp_path / "teacher", depth=3)
-    loaded = graftc.spec.load_model(spec)
+    loaded = graftc.load_model(spec)
     plan = plan_of(({"kind": "attention", "layers": [0]}, {"op": "swa", "window": 3}),
                    ({"kind": "attention", "layers": [1]}, {"op": "hyena_x", "init": "random"}),
                    ({"kind": "attention", "layers": [2]}, {"op": "mamba2", "d_state": 8, "head_dim": 8}))
