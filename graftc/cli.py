@@ -58,7 +58,11 @@ def _compile_locked(args, plan, out) -> int:
     base_hash = weights_hash(loaded.model)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
     teacher = copy.deepcopy(loaded.model) if plan.distill is not None else None
-    from graftc import sensitivity
+    from graftc import samples, sensitivity
+
+    preview = samples.preview(loaded, plan.data, args.seed, log=print)  # samples.png / continuations in report.md
+    if preview is not None and plan.distill is None:  # the rewrite is in place: the teacher's row comes first
+        preview.add("teacher", loaded.model)
     from graftc.analysis import cached_locality
 
     result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"),
@@ -76,13 +80,17 @@ def _compile_locked(args, plan, out) -> int:
         from graftc.distill.speed import compare
 
         outcome = run_distill(teacher, result.model, result.rewrites, plan, loaded, workdir, args.resume, args.seed,
-                              log=lambda line: print(line, flush=True))
+                              log=lambda line: print(line, flush=True), preview=preview)
         if not outcome.main:  # under torchrun only rank 0 writes the artifact
             return 0
         distill, quality, files = outcome.summary, outcome.quality, outcome.files
         distill["speed"] = compare(teacher, result.model, loaded)
         _print_quality(quality, distill["speed"])
-    artifact.save(out, result, args.model, base_hash, report_markdown(args.model, result, distill, quality),
+    elif preview is not None:
+        preview.add("graft", result.model)
+        files = preview.files(workdir)
+    report = report_markdown(args.model, result, distill, quality, preview.markdown() if preview else None)
+    artifact.save(out, result, args.model, base_hash, report,
                   force=True, distill=distill, quality=quality, files=files)
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {out}")
@@ -244,6 +252,11 @@ def _eval(args) -> int:
             raise GraftError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
     if args.output:
         artifact.check_parent(Path(args.output))
+    from graftc import samples
+
+    columns = samples.parse_columns(args.grid) if args.grid is not None else None
+    if columns:
+        artifact.check_parent(Path(args.grid_out))
     target = Path(args.target)
     if target.is_dir() and (target / "manifest.json").is_file():  # an artifact: its base model is the teacher
         base = artifact.read_manifest(target).get("base", {}).get("spec", "")
@@ -260,10 +273,18 @@ def _eval(args) -> int:
         loaded = load_model(args.target, seed=args.seed)
         teacher, student = None, {"name": "teacher", "spec": args.target, "model": loaded.model}
     note(f"evaluating {args.target} ({loaded.family})")
+    grid = samples.eval_grid(loaded, target, columns, args.steps, args.cfg, args.seed, log=note) if columns else None
+    for entry in (teacher, student) if grid else ():
+        grid.add(entry["name"], entry["model"])
     result = evaluate.evaluate(student, teacher, loaded, extractor, args.samples, args.steps, args.cfg, args.seed,
                                text=args.text, cache=args.cache, log=note, context=args.context,
                                new_tokens=args.new_tokens, sentences=args.sentences)
     result = {"target": args.target, "teacher": teacher["spec"] if teacher else None, "family": loaded.family, **result}
+    if grid is not None:
+        Path(args.grid_out).parent.mkdir(parents=True, exist_ok=True)
+        if grid.write(Path(args.grid_out)):
+            result["grid"] = args.grid_out
+            note(f"wrote {args.grid_out}")
     if args.output:
         artifact.write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else evaluate.table(result))
@@ -379,6 +400,9 @@ def parser() -> argparse.ArgumentParser:
                                                               "and retrieval (default 512)")
     e.add_argument("--cache", help="cache folder: the agreement inputs (default: a temporary folder) and the digits' "
                                    "Inception features (default: $GRAFTC_CACHE or ~/.cache/graftc)")
+    e.add_argument("--grid", metavar="N", help="image models: also write a grid of samples, teacher row above graft "
+                                               "row from the same noise, N columns (one class or prompt each)")
+    e.add_argument("--grid-out", metavar="PNG", default="samples.png", help="where --grid writes (default samples.png)")
     e.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     e.add_argument("-o", "--output", help="also write the JSON object to this file")
     e.set_defaults(run=_eval)

@@ -85,18 +85,18 @@ class Diffusion:
         ts = self.ddim_timesteps(steps)
         acp = self.alphas_cumprod
         x = noise
-        iterator = ts
-        if progress:
-            from tqdm.auto import tqdm
+        from graftc.distill.logs import Progress
 
-            iterator = tqdm(ts, desc="DDIM", leave=False)
-        for i, t in enumerate(iterator):
+        shown = Progress("DDIM", len(ts), enabled=progress)
+        for i, t in enumerate(ts):
             a_t = float(acp[t])
             a_prev = float(acp[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
             eps = eps_fn(x, t_batch).to(x.dtype)
             x0 = (x - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5
             x = a_prev**0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps
+            shown.update(i + 1)
+        shown.close()
         return x
 
 
@@ -140,7 +140,8 @@ def sample_dit(model, labels, steps: int = 25, cfg_scale: float = 1.0, generator
 
     The starting noise comes from ``generator`` (drawn on the generator's device, in float32, for all N at
     once), so a seeded generator gives the same samples whatever the batch size. Sampling runs on the
-    model's device in float32 (float64 for a float64 model); the result is returned in that dtype."""
+    model's device in float32 (float64 for a float64 model); the result is returned in that dtype. With
+    ``progress``, a bar (in a log: lines) counts the samples done."""
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     if batch_size < 1:
         raise GraftError(f"sample_dit: batch_size must be >= 1 (got {batch_size})")
@@ -152,14 +153,19 @@ def sample_dit(model, labels, steps: int = 25, cfg_scale: float = 1.0, generator
     noise = torch.randn((labels.shape[0], c, s, s), generator=generator, device=gen_device, dtype=torch.float32)
     was_training = model.training
     model.eval()
+    from graftc.distill.logs import Progress
+
+    shown = Progress("sampling", labels.shape[0], unit="sample", enabled=progress)
     try:
         out = []
         for start in range(0, labels.shape[0], batch_size):
             y = labels[start:start + batch_size]
             x_T = noise[start:start + batch_size].to(device=param.device, dtype=work)
-            out.append(diffusion.sample(dit_eps(model, y, cfg_scale), x_T, steps=steps, progress=progress))
+            out.append(diffusion.sample(dit_eps(model, y, cfg_scale), x_T, steps=steps))
+            shown.update(start + len(y))
     finally:
         model.train(was_training)
+        shown.close()
     if not out:
         return torch.empty((0, c, s, s), device=param.device, dtype=work)
     return torch.cat(out)

@@ -420,7 +420,8 @@ def sample_quality(model, extractor: FeatureExtractor, n: int, steps: int, cfg: 
     from graftc.diffusion import sample_dit
 
     labels = torch.arange(n) % int(model.num_classes)
-    images = sample_dit(model, labels, steps=steps, cfg_scale=cfg, generator=torch.Generator().manual_seed(seed))
+    images = sample_dit(model, labels, steps=steps, cfg_scale=cfg, generator=torch.Generator().manual_seed(seed),
+                        progress=True)
     images = images.float().clamp(-1, 1).cpu()
     ref = extractor.reference()
     feats = extractor.features(images)

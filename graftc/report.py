@@ -19,7 +19,9 @@ def regions_table(regions) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def report_markdown(spec: str, result, distill: dict | None = None, quality: dict | None = None) -> str:
+def report_markdown(spec: str, result, distill: dict | None = None, quality: dict | None = None,
+                    preview: list[str] | None = None) -> str:
+    """`preview`: markdown lines of graftc.samples (teacher and graft samples or greedy continuations)."""
     first, last = result.reports[0], result.reports[-1]
     lines = [f"# graftc report: {spec}", "",
              f"- parameters: {first.params_before:,} -> {last.params_after:,} "
@@ -36,6 +38,8 @@ def report_markdown(spec: str, result, distill: dict | None = None, quality: dic
                      f"{human(p.flops_before)} | {human(p.flops_after)} |")
     lines += ["", "## Distillation", ""] + (distill_markdown(distill, quality) if distill else
                                             ["None: the plan asked for rewriting only."])
+    if preview:
+        lines += [""] + preview
     return "\n".join(lines) + "\n"
 
 

@@ -54,7 +54,8 @@ def plan_hash(plan, seed: int, spec: str) -> str:
 
 
 def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict], plan, loaded, workdir: Path,
-        resume: bool, seed: int, log=print) -> Outcome:
+        resume: bool, seed: int, log=print, preview=None) -> Outcome:
+    """`preview` (graftc.samples.Grid or Continuations): drawn for the teacher, after stage 1 and at the end."""
     cfg = plan.distill
     w = get_world()
     teacher.to(w.device).eval().requires_grad_(False)
@@ -94,6 +95,9 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
     saver = _Checkpoint(workdir, cfg.checkpoint_every, digest, w)
     if w.main and "teacher_fd" not in quality:
         _measure(task, teacher, quality, "teacher_fd", log)
+    if w.main and preview is not None:
+        preview.add("teacher", teacher)
+        preview.load(workdir / "preview.safetensors")  # the row drawn after stage 1, on a resume in stage 2
 
     history = {"stage1": {}, "stage2": []}
     summary = {"stage1": carry.get("stage1"), "stage2": carry.get("stage2")}
@@ -116,6 +120,9 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
         timings["stage1"] = round(timings.get("stage1", 0) + time.perf_counter() - begin, 2)
         if w.main and cfg.stage2 is not None:
             _measure(task, student, quality, "stage1_fd", log)
+            if preview is not None:
+                preview.add("after stage 1", student)
+                preview.save(workdir / "preview.safetensors")
         meta = {"stage": "stage1-done"}
     elif summary["stage1"]:
         history["stage1"] = carry.get("history1", {})
@@ -146,9 +153,14 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
         _measure(task, student, quality, "graft_fd", log)
         if cfg.stage2 is None and "graft_fd" in quality:  # the final model is the stage-1 model
             quality["stage1_fd"] = quality["graft_fd"]
+    if w.main and preview is not None:
+        preview.add("final", student)
+        timings["samples"] = round(preview.seconds, 2)
     summary["seconds"] = timings
     files = {}
     if w.main:
+        if preview is not None:
+            files.update(preview.files(workdir))
         png = workdir / "losses.png"
         if plot_losses(history, png):
             files["losses.png"] = png

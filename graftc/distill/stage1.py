@@ -181,15 +181,12 @@ class Stage1:
 
     # -- the loop ------------------------------------------------------------------
     def run(self, start: int, checkpoint, scalars, progress: bool = True) -> None:
-        from tqdm import tqdm
+        from graftc.distill.logs import Progress
 
         total = max((n.steps for n in self.nodes), default=0)
-        show = progress and self.world.main
-        bars = {id(n): tqdm(total=n.steps, initial=min(n.steps_run, n.steps), desc=f"stage 1 {n.name}", position=i,
-                            leave=True, disable=None if show else True, dynamic_ncols=True)
-                for i, n in enumerate(self.nodes)}
         if start == 0:  # the starting point: validation loss before training, and the first "best" weights
             self.evaluate([n for n in self.nodes if n.status == "running"], 0)
+        shown = Progress(f"stage 1 ({len(self.nodes)} nodes)", total, start, enabled=progress and self.world.main)
         for step in range(start, total):
             active = [n for n in self.nodes if n.status == "running" and step < n.steps]
             if not active:
@@ -201,8 +198,6 @@ class Stage1:
             self.teacher_pass(batch, active, train=True)
             for n in active:
                 self._step(n, step)
-                bars[id(n)].update(1)
-                bars[id(n)].set_postfix(loss=f"{n.train[-1][1]:.4g}" if n.train else "nan")
                 scalars.add(f"stage1/{n.name}/train", n.train[-1][1] if n.train else math.nan, step + 1)
             finishing = [n for n in active if n.status == "running" and step + 1 == n.steps]
             if (step + 1) % self.cfg.eval_every == 0 or finishing:
@@ -213,12 +208,13 @@ class Stage1:
             for n in finishing:
                 if n.status == "running":
                     n.status = "done"
+            shown.update(step + 1, loss=_mean_loss(active), training=f"{sum(n.status == 'running' for n in self.nodes)} nodes")
             if (step + 1) % checkpoint.every == 0:
                 checkpoint(step + 1)
+        shown.close()
         for n in self.nodes:
             if n.best:
                 n.restore_best()
-            bars[id(n)].close()
             if n.status == "running":
                 n.status = "done"
 
@@ -272,3 +268,8 @@ class Stage1:
             for k, v in meta.items():
                 setattr(n, k, v)
 
+
+def _mean_loss(nodes: list[Node]) -> float:
+    """The mean of the nodes' latest train losses: stage 1's one number for a progress line."""
+    values = [n.train[-1][1] for n in nodes if n.train]
+    return sum(values) / len(values) if values else math.nan

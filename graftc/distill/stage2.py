@@ -127,11 +127,10 @@ class Stage2:
         return total
 
     def run(self, start: int, checkpoint, scalars, progress: bool = True) -> None:
-        from tqdm import tqdm
+        from graftc.distill.logs import Progress
 
         self.student.train()
-        bar = tqdm(total=self.cfg.steps, initial=start, desc="stage 2", disable=None if progress and self.world.main else True,
-                   dynamic_ncols=True)
+        shown = Progress("stage 2", self.cfg.steps, start, enabled=progress and self.world.main)
         for step in range(start, self.cfg.steps):
             torch.manual_seed(int(generator(self.task.seed, "stage2-rng", step).initial_seed()))  # dropout, resumable
             batch = self.task.batch("stage2", step, self.cfg.batch_size, self.world.rank,
@@ -160,11 +159,10 @@ class Stage2:
                         e.lerp_(p.detach(), 1 - decay)
             self.curve.append([step + 1, float(value)])
             scalars.add("stage2/loss", float(value), step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(value):.4g}")
+            shown.update(step + 1, loss=float(value))
             if (step + 1) % checkpoint.every == 0 and step + 1 < self.cfg.steps:
                 checkpoint(step + 1)
-        bar.close()
+        shown.close()
         self.finish()
 
     def finish(self) -> None:
