@@ -22,6 +22,7 @@ and a decode step from a repeated cache gives every row the batch-1 step's logit
     python benches/decode.py --steps 12 --reps 2 --threads 1   # the RESULTS.md run (a loaded 2-core machine)
     python benches/decode.py --contexts 1024 --batches 1 --steps 8 --reps 1
     python benches/decode.py --model demo:smollm2              # the real SmolLM2-135M-Instruct weights
+    python benches/decode.py --artifact runs/smollm2-swa       # a saved graft beside its manifest's teacher
     python benches/decode.py --device cuda --steps 50 --reps 3 # bf16 by default on CUDA
 """
 from __future__ import annotations
@@ -82,6 +83,24 @@ def load_teacher(spec: str | None, dtype: torch.dtype) -> torch.nn.Module:
     except Exception as error:  # noqa: BLE001 — a missing demo, package or file: one clear line, not a traceback
         sys.exit(f"--model {spec}: could not load it ({type(error).__name__}: {error}); "
                  "run without --model for the random SmolLM2-shaped decoder")
+
+
+def load_artifact(path: str, teacher: torch.nn.Module) -> torch.nn.Module:
+    """A saved graft rebuilt on a copy of the teacher (so the teacher's weights load once)."""
+    try:
+        return graftc.load(path, model=copy.deepcopy(teacher)).eval()
+    except Exception as error:  # noqa: BLE001 — not an artifact, or not of this teacher: one clear line
+        sys.exit(f"--artifact {path}: could not load it on {artifact_spec(path)!r} ({type(error).__name__}: {error})")
+
+
+def artifact_spec(path: str) -> str:
+    """The base model spec in an artifact's manifest."""
+    from graftc.artifact import read_manifest
+
+    try:
+        return read_manifest(Path(path)).get("base", {}).get("spec", "")
+    except Exception as error:  # noqa: BLE001 — graftc says what is missing in one line
+        sys.exit(f"--artifact: {error}")
 
 
 def graft(teacher: torch.nn.Module, op: dict) -> torch.nn.Module:
@@ -223,7 +242,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per model, context, batch and rep")
     parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps before them")
     parser.add_argument("--reps", type=int, default=2, help="repetitions (each prefills every model again)")
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--ops", nargs="*", default=None, choices=list(OPS),
+                        help="50%% interleaved grafts made here (default: all; none when --artifact is given)")
+    parser.add_argument("--artifact", nargs="+", default=[], metavar="DIR",
+                        help="saved grafts (graftc compile -o DIR) timed beside the teacher; the teacher is --model "
+                             "or else the first artifact's base spec (e.g. demo:smollm2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--model", default=None,
@@ -239,6 +262,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ops is None:
+        args.ops = [] if args.artifact else list(OPS)
+    if args.artifact and not args.model:
+        args.model = artifact_spec(args.artifact[0])
     began, load_before = time.perf_counter(), os.getloadavg()
     device = args.device
     dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
@@ -247,19 +274,22 @@ def main() -> None:
     checks = [] if args.no_check else check(device)
     print("\n".join(checks), flush=True)
 
-    teacher = load_teacher(args.model, dtype).to(device)
+    teacher = load_teacher(args.model, torch.float32)
+    saved = {Path(path).name: load_artifact(path, teacher).to(dtype).to(device) for path in args.artifact}
+    teacher = teacher.to(dtype).to(device)
     config = teacher.config
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = config.num_hidden_layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-    models = {"teacher": teacher} | {name: graft(teacher, OPS[name]) for name in args.ops}
-    layers = {name: grafted_layers(m) for name, m in models.items() if name != "teacher"}
-    layers["teacher"] = layers[args.ops[0]] if args.ops else []
+    models = {"teacher": teacher} | {name: graft(teacher, OPS[name]) for name in args.ops} | saved
+    grafts = [name for name in models if name != "teacher"]
+    layers = {name: grafted_layers(models[name]) for name in grafts}
+    layers["teacher"] = layers[grafts[0]] if grafts else []
     params = {name: parameter_bytes(m) for name, m in models.items()}
     setup_s = time.perf_counter() - began
     print(f"{args.model or 'random SmolLM2-135M-shaped Llama'}: {config.num_hidden_layers} layers, width "
           f"{config.hidden_size}, {config.num_attention_heads}/{kv_heads} heads x {head_dim}; {where}, {dtype}; "
-          f"grafted layers {layers[args.ops[0]] if args.ops else []}; parameters "
+          f"grafted layers {layers['teacher']}; parameters "
           + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in params.items())
           + f"; teacher KV {per_token} B per token of context (theory); setup {setup_s:.0f} s; load average "
           + "/".join(f"{v:.1f}" for v in load_before), flush=True)
@@ -316,7 +346,7 @@ def main() -> None:
 
     # grafted layers' state at each context: constant for every op (the teacher's same layers grow)
     independent = {}
-    for name in args.ops:
+    for name in grafts:
         for batch in args.batches:
             seen = {r["context"]: r["cache_bytes_grafted"] for r in rows if r["model"] == name and r["batch"] == batch}
             if seen:
@@ -343,7 +373,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv),
         "config": {k: getattr(config, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                          "num_key_value_heads", "intermediate_size", "vocab_size")},
-        "ops": {name: OPS[name] for name in args.ops}, "select": SELECT, "grafted_layers": layers,
+        "ops": {name: OPS[name] for name in args.ops}, "artifacts": {Path(p).name: p for p in args.artifact},
+        "select": SELECT, "grafted_layers": layers,
         "parameter_bytes": params, "teacher_cache_bytes_per_token_theory": per_token,
         "steps": args.steps, "warmup": args.warmup, "reps": args.reps, "skipped": sorted(skip),
         "batch_note": "every cache is prefilled at batch 1; batch > 1 repeats it along dim 0 (expand_cache)",
