@@ -159,7 +159,9 @@ class Data(Strict):
     images: str | None = Field(None, description="class-conditional diffusion models: train on real data instead of "
                                                  "teacher samples: a safetensors file with x0 [N, C, H, W] (the "
                                                  "model's input space, latents already scaled) and y [N] labels; "
-                                                 "'demo:digits' = the demo DiT's own training data")
+                                                 "'demo:digits' = the demo DiT's own training data; image "
+                                                 "classifiers: x0 in the model's input space, y optional "
+                                                 "(default: the digits, scaled to the model's image size)")
 
 
 def _op_union():

@@ -152,9 +152,13 @@ def _load_timm(rest: str) -> Loaded:
         raise GraftError(f"timm:{name}: bad constructor argument: {exc}") from None
     if checkpoint:
         _load_weights_file(model, Path(checkpoint))
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    shape = (3, *size) if size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    return Loaded("", model, (torch.randn(1, *shape),), family="timm")
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    channels = getattr(getattr(patch_embed, "proj", None), "in_channels", 3)
+    shape = (channels, *size) if size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    # a classifier (timm's ViTs, DeiTs, ... with a head) distills on images and is evaluated by top-1 agreement
+    family = "image-classifier" if getattr(model, "num_classes", 0) else "timm"
+    return Loaded("", model, (torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)),), family=family)
 
 
 def _parse_options(options: str, where: str) -> dict:
