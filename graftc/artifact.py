@@ -22,7 +22,7 @@ from graftc.errors import GraftError, read_json
 from graftc.plan import dump_plan
 
 FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
-FORMAT = 2  # 2: the manifest records model_sha256; 1: it does not (still read, nothing to verify)
+FORMAT = 2  # 2: the manifest records model_sha256 and its own manifest_sha256; 1: neither (read, not verified)
 
 
 def check_parent(out: Path) -> None:
@@ -103,6 +103,7 @@ def staging_dir(out: Path) -> Path:
 def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, force: bool = False,
          distill: dict | None = None, quality: dict | None = None, files: dict | None = None) -> Path:
     """Write the artifact. `distill`/`quality` go into the manifest; `files` (name -> file or folder) are copied in."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -119,11 +120,16 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
             manifest["quality"] = quality
         for name, source in (files or {}).items():
             (shutil.copytree if Path(source).is_dir() else shutil.copyfile)(source, tmp / name)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (tmp / "report.md").write_text(report_md)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as exc:  # a full disk: an existing OUT is left as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise GraftError(f"cannot write {out}: {reason}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -136,6 +142,12 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own digest (canonical JSON: key order and spacing ignored)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_manifest(out: str | Path) -> dict:
@@ -154,8 +166,9 @@ def read_manifest(out: str | Path) -> dict:
 
 
 def verify_artifact(out: str | Path) -> dict:
-    """Check the artifact's format and that model.safetensors is the file its manifest recorded (sha256).
-    Returns {"format", "sha256", "bytes"}; any problem is a GraftError."""
+    """Check the artifact's format, that the manifest is as written (its recorded digest) and that
+    model.safetensors is the file the manifest recorded (sha256). Returns {"format", "sha256", "bytes"}; any
+    problem is a GraftError."""
     out = Path(out)
     manifest = read_manifest(out)
     weights = out / "model.safetensors"
@@ -167,6 +180,9 @@ def verify_artifact(out: str | Path) -> dict:
                          "of model.safetensors, so it cannot be verified; compile it again to get one")
     if not (isinstance(recorded, str) and len(recorded) == 64):
         raise GraftError(f"{out / 'manifest.json'}: model_sha256 is missing or not a sha256 hex digest")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise GraftError(f"{out / 'manifest.json'}: its content does not match the manifest_sha256 it recorded: "
+                         "the file was changed or damaged after it was written")
     actual = file_sha256(weights)
     if actual != recorded:
         raise GraftError(f"{weights}: sha256 {actual[:16]}... does not match the {recorded[:16]}... recorded in "
@@ -180,8 +196,8 @@ def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bo
 
     A `python:` base spec runs the named function to build the model; it is only followed when
     `allow_python=True` (or pass the base `model` yourself), because the spec string comes from the artifact.
-    `verify`: check model.safetensors against the sha256 the manifest recorded (format 2; format 1 records none);
-    `verify=False` skips reading the file twice.
+    `verify`: check the manifest and model.safetensors against the sha256 digests the manifest recorded
+    (format 2; format 1 records none); `verify=False` skips reading the weights twice.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -191,12 +207,28 @@ def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bo
 
     out = Path(out)
     manifest = read_manifest(out)
-    spec = manifest.get("base", {}).get("spec", "")
+    base = manifest.get("base")
+    spec = base.get("spec") if isinstance(base, dict) else None
     if model is None:
+        if not isinstance(spec, str):
+            raise GraftError(f"{out / 'manifest.json'}: base.spec is missing, so the base model is unknown; pass model=")
         if spec.startswith("python:") and not allow_python:
             raise GraftError(f"{out}: base model {spec!r} is built by running code; pass model= or allow_python=True")
-        model = load_spec(spec).model
-    replay(model, manifest.get("rewrites", []))
+        try:
+            model = load_spec(spec).model
+        except GraftError as exc:
+            raise GraftError(f"{out}: cannot load its base model: {exc}") from None
+    rewrites = manifest.get("rewrites", [])
+    try:
+        if not isinstance(rewrites, list) or not all(isinstance(r, dict) for r in rewrites):
+            raise ValueError("rewrites is not a list of records")
+        replay(model, rewrites)
+    except GraftError as exc:
+        raise GraftError(f"{out}: {exc}") from None
+    except Exception as exc:  # a damaged record (a wrong module path, a missing field) is bad input, not a crash
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise GraftError(f"{out / 'manifest.json'}: its rewrites cannot be replayed on the base model "
+                         f"({type(exc).__name__}: {first})") from None
     weights = out / "model.safetensors"
     if not weights.is_file():
         raise GraftError(f"{out}: model.safetensors is missing")

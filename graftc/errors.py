@@ -15,6 +15,8 @@ class GraftError(Exception):
 def read_json(path: Path):
     """Parse a JSON file the user or an artifact gave us; a syntax error is a GraftError naming the file."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # bytes: json detects UTF-8/16/32 itself
         raise GraftError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise GraftError(f"{path}: not valid JSON: nested too deeply") from None

@@ -12,3 +12,14 @@ if not torch.cuda.is_available():
 workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if workers > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+# Hypothesis profiles. "ci" (the default): derandomized, so every run tries the same examples, >= 200 per
+# property unless a test says otherwise. "long" (nightly: pytest tests/test_fuzz.py --hypothesis-profile=long):
+# 5,000 fresh random examples per property.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=5000, derandomize=False, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci")
