@@ -58,6 +58,10 @@ def bert_inputs():
     return (ids,), {"attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
+def image_inputs():
+    return (torch.randn(2, 3, zoo.VIT_IMAGE, zoo.VIT_IMAGE, generator=_gen()),), {}
+
+
 def _load_dit(path):
     from diffusers import DiTTransformer2DModel
 
@@ -82,6 +86,12 @@ def _load_encoder(path):
     return AutoModel.from_pretrained(path, use_safetensors=True)
 
 
+def _load_image_classifier(path):
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
+
+
 # name -> (builder, in-memory twin, loader, inputs, expected class name)
 FAMILIES = {
     "diffusers_dit": (zoo.diffusers_dit, zoo.make_diffusers_dit, _load_dit, dit_inputs, "DiTTransformer2DModel"),
@@ -89,6 +99,8 @@ FAMILIES = {
     "qwen3": (zoo.qwen3, zoo.make_qwen3, _load_causal, lm_inputs, "Qwen3ForCausalLM"),
     "llama": (zoo.llama, zoo.make_llama, _load_causal, lm_inputs, "LlamaForCausalLM"),
     "bert": (zoo.bert, zoo.make_bert, _load_encoder, bert_inputs, "BertModel"),
+    "vit": (zoo.vit, zoo.make_vit, _load_image_classifier, image_inputs, "ViTForImageClassification"),
+    "deit": (zoo.deit, zoo.make_deit, _load_image_classifier, image_inputs, "DeiTForImageClassification"),
 }
 
 _loaded_cache: dict = {}
@@ -154,6 +166,8 @@ def test_builders_are_deterministic():
         (zoo.make_qwen3, dict(depth=1, heads=4, kv_heads=1, head_dim=4), dict(num_key_value_heads=1, head_dim=4)),
         (zoo.make_llama, dict(depth=3, heads=2, kv_heads=1), dict(num_hidden_layers=3, hidden_size=16)),
         (zoo.make_bert, dict(depth=1, heads=4, head_dim=4), dict(num_hidden_layers=1, num_attention_heads=4)),
+        (zoo.make_vit, dict(depth=3, heads=4, head_dim=8), dict(num_hidden_layers=3, num_attention_heads=4)),
+        (zoo.make_deit, dict(depth=1, heads=1, head_dim=8), dict(num_hidden_layers=1, hidden_size=8)),
     ],
 )
 def test_overrides_reach_config(make, overrides, check):
