@@ -487,7 +487,8 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
             same += int((s.argmax(-1) == t.argmax(-1)).sum())
             if labelled:
                 y = b.target["y"].to(t.device)
-                correct_t, correct_s = correct_t + int((t.argmax(-1) == y).sum()), correct_s + int((s.argmax(-1) == y).sum())
+                correct_t += int((t.argmax(-1) == y).sum())
+                correct_s += int((s.argmax(-1) == y).sum())
         if encoder:
             mask = kwargs.get("attention_mask")  # the text task's blocks carry none: every token is real
             embedding_cosines.append(torch.nn.functional.cosine_similarity(

@@ -180,6 +180,18 @@ def test_digits_are_scaled_and_normalized_as_the_model_expects(tmp_path):
     assert set(batch.kwargs) == {"pixel_values"} and batch.kwargs["pixel_values"].shape == (8, 3, 16, 16)
 
 
+def test_a_processor_mean_that_does_not_fit_the_channels_is_one_clear_error(tmp_path):
+    from graftc.distill.data import make_task
+    from graftc.plan import parse_plan
+
+    spec = zoo.vit(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5],
+                                                                           "image_std": [0.5, 0.5]}))
+    with pytest.raises(GraftError, match=r"preprocessor_config.json: image_mean \[0.5, 0.5\] and image_std "
+                                         r"\[0.5, 0.5\] do not fit the model's 3 channels"):
+        make_task(load_model(spec), parse_plan({"version": 1}).data, 0).prepare(None, log=lambda line: None)
+
+
 def test_images_file_is_checked_against_the_model(tmp_path):
     from safetensors.torch import save_file
 
@@ -255,7 +267,8 @@ def test_distillation_on_digits_brings_a_swa2d_graft_closer_and_eval_reports_top
     same = total = 0
     with torch.no_grad():
         for batch in task.eval_batches(64):
-            same += int((student(**batch.kwargs).logits.argmax(-1) == loaded.model(**batch.kwargs).logits.argmax(-1)).sum())
+            ours, theirs = student(**batch.kwargs).logits, loaded.model(**batch.kwargs).logits
+            same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
             total += batch.size
     assert after["top1_agreement"] == same / total
 

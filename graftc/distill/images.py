@@ -2,8 +2,9 @@
 
 Without `data.images`, the inputs are real images that need no download: scikit-learn's 8x8 digits, scaled to
 the model's image size, repeated over its channels and normalized with the model's own mean and std (its folder's
-preprocessor_config.json, or a timm model's pretrained_cfg; else 0.5 and 0.5, the ViT processors' default). `data.images` names a safetensors file
-with x0 [N, C, H, W] already in the model's input space (and optionally y [N] labels) instead.
+preprocessor_config.json, or a timm model's pretrained_cfg; else 0.5 and 0.5, the ViT processors' default).
+`data.images` names a safetensors file with x0 [N, C, H, W] already in the model's input space (and optionally
+y [N] labels) instead.
 
 The images are shuffled by the seed and their last fifth is held out for evaluation (`eval_batches`): neither
 stage trains on it, nor validates on it, so `graftc eval` compares teacher and graft on images the graft never saw.
@@ -35,19 +36,22 @@ def image_input(loaded) -> tuple[str | int, torch.Tensor]:
 def normalization(loaded) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel mean and std the model's images are normalized with."""
     channels = image_input(loaded)[1].shape[1]
-    mean, std = DEFAULT_MEAN_STD
+    (mean, std), where = DEFAULT_MEAN_STD, "the default"
     config = Path(loaded.spec) / "preprocessor_config.json"
     pretrained = getattr(loaded.model, "pretrained_cfg", None)  # timm models carry theirs
     if config.is_file():
-        processor = read_json(config)
+        processor, where = read_json(config), str(config)
         mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
     elif isinstance(pretrained, dict) and "mean" in pretrained and "std" in pretrained:
-        mean, std = pretrained["mean"], pretrained["std"]
-    as_channels = lambda v: torch.as_tensor(v, dtype=torch.float32).flatten().expand(channels).reshape(channels, 1, 1)  # noqa: E731
+        (mean, std), where = (pretrained["mean"], pretrained["std"]), "the timm model's pretrained_cfg"
+
+    def per_channel(values) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32).flatten().expand(channels).reshape(channels, 1, 1)
+
     try:
-        return as_channels(mean), as_channels(std)
-    except RuntimeError:
-        raise GraftError(f"{config}: image_mean {mean!r} and image_std {std!r} do not fit the model's "
+        return per_channel(mean), per_channel(std)
+    except (RuntimeError, TypeError, ValueError):
+        raise GraftError(f"{where}: image_mean {mean!r} and image_std {std!r} do not fit the model's "
                          f"{channels} channels") from None
 
 
