@@ -127,9 +127,10 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
             shutil.rmtree(out)
         os.replace(tmp, out)
     except (OSError, SafetensorError) as exc:  # a full disk: an existing OUT is left as it was
+        from graftc.distill.checkpoint import write_failed
+
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise GraftError(f"cannot write {out}: {reason}") from None
+        raise write_failed(out, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -52,10 +52,14 @@ def _compile_locked(args, plan, out) -> int:
     from graftc.spec import load_model, weights_hash
 
     artifact.check_out_dir(out, args.force or args.resume)
-    workdir = out.parent / f".{out.name}.graftc-run"  # checkpoints of an unfinished distillation
+    workdir = run_dir(out)
     start = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
     base_hash = weights_hash(loaded.model)
+    if args.resume and plan.distill is not None:  # a checkpoint of another plan or model: refused before any work
+        from graftc.distill import check_resume
+
+        check_resume(workdir, plan, args.seed, args.model, base_hash)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
     teacher = copy.deepcopy(loaded.model) if plan.distill is not None else None
     from graftc import samples, sensitivity
@@ -80,7 +84,7 @@ def _compile_locked(args, plan, out) -> int:
         from graftc.distill.speed import compare
 
         outcome = run_distill(teacher, result.model, result.rewrites, plan, loaded, workdir, args.resume, args.seed,
-                              log=lambda line: print(line, flush=True), preview=preview)
+                              log=lambda line: print(line, flush=True), base_hash=base_hash, preview=preview)
         if not outcome.main:  # under torchrun only rank 0 writes the artifact
             return 0
         distill, quality, files = outcome.summary, outcome.quality, outcome.files
@@ -95,6 +99,23 @@ def _compile_locked(args, plan, out) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {out}")
     return 0
+
+
+def run_dir(out) -> "Path":
+    """Where `graftc compile` keeps the checkpoints of an unfinished distillation into `out`."""
+    return out.parent / f".{out.name}.graftc-run"
+
+
+def _resume_hint(args) -> str:
+    """After an interrupted compile with a checkpoint to continue from: the command that continues it."""
+    import shlex
+    from pathlib import Path
+
+    if args.command != "compile" or not (run_dir(Path(args.output)) / "state.json").is_file():
+        return ""
+    command = ["graftc", "compile", args.model, args.plan, "-o", args.output, "--resume"]
+    command += ["--seed", str(args.seed)] if args.seed else []
+    return f"; to continue: {shlex.join(command)}"
 
 
 def _print_quality(quality: dict, speed: dict) -> None:
@@ -436,12 +457,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import errno
+
+    from graftc.interrupt import Interrupted, interruptible
+
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        with interruptible():  # SIGTERM too unwinds (temporary files are removed) instead of killing the process
+            return args.run(args)
     except GraftError as exc:
         print(f"graftc: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk on a write path with no message of its own: still one line
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"graftc: error: cannot write {exc.filename or 'a file'}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"graftc: {exc}{_resume_hint(args)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("graftc: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ the model family has a figure for it (FD for the demo DiT). Everything it return
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from graftc import interrupt
 from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import DiffusionTask, make_task
 from graftc.distill.logs import Scalars, plot_losses
@@ -35,8 +37,8 @@ class Outcome:
 class _Checkpoint:
     """Callable that saves the current stage's state with the run's summary so far."""
 
-    def __init__(self, workdir: Path, every: int, plan_hash: str, world):
-        self.workdir, self.every, self.plan_hash, self.world = workdir, every, plan_hash, world
+    def __init__(self, workdir: Path, every: int, fingerprint: dict, world):
+        self.workdir, self.every, self.fingerprint, self.world = workdir, every, fingerprint, world
         self.stage, self.runner, self.carry = None, None, {}
 
     def __call__(self, step: int) -> None:
@@ -44,18 +46,50 @@ class _Checkpoint:
             return
         tensors, state = self.runner.state()
         ckpt.save(self.workdir, f"ckpt-{self.stage}-{step:07d}", tensors,
-                  {"plan": self.plan_hash, "stage": self.stage, "step": step, "state": state, "carry": self.carry})
+                  {"fingerprint": self.fingerprint, "stage": self.stage, "step": step, "state": state,
+                   "carry": self.carry})
+
+    def stop_point(self, step: int) -> None:
+        """Called by the loops at each step boundary: after SIGINT/SIGTERM, save this step and stop."""
+        signum = interrupt.take_pending()
+        if signum is not None:
+            self(step)
+            raise interrupt.Interrupted(signum, f"{self.stage.replace('stage', 'stage ')} at step {step}")
 
 
-def plan_hash(plan, seed: int, spec: str) -> str:
+def fingerprint(plan, seed: int, spec: str, weights: str) -> dict:
+    """What a checkpoint is made from; --resume continues only a checkpoint made from the same."""
     from graftc.plan import dump_plan
 
-    return hashlib.sha256(f"{spec}\n{seed}\n{dump_plan(plan)}".encode()).hexdigest()[:16]
+    return {"plan": hashlib.sha256(dump_plan(plan).encode()).hexdigest()[:16], "model": spec,
+            "weights": weights[:16], "seed": seed}
+
+
+def check_resume(workdir: Path, plan, seed: int, spec: str, base_hash: str) -> None:
+    """Refuse a checkpoint in `workdir` made from another plan, model, weights or seed (a GraftError). The CLI
+    calls it before the rewrite, so a wrong --resume costs nothing; `run` checks again."""
+    state = ckpt.read_state(workdir)
+    if state is not None:
+        _check_fingerprint(state.get("fingerprint"), fingerprint(plan, seed, spec, base_hash), workdir)
+
+
+def _check_fingerprint(made, now: dict, workdir: Path) -> None:
+    what = {"plan": "plan (its sha256 prefix)", "model": "model", "weights": "model weights (their sha256 prefix)",
+            "seed": "seed"}
+    if not isinstance(made, dict):
+        raise GraftError(f"--resume: the checkpoint in {workdir} does not record what it was made from (an older "
+                         "graftc); run without --resume to start over")
+    for key, label in what.items():
+        if made.get(key) != now[key]:
+            raise GraftError(f"--resume: the checkpoint in {workdir} was made with another {label}: "
+                             f"{made.get(key)!r}, not {now[key]!r}; resume with the same plan, model and seed, "
+                             "or run without --resume to start over")
 
 
 def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict], plan, loaded, workdir: Path,
-        resume: bool, seed: int, log=print, preview=None) -> Outcome:
-    """`preview` (graftc.samples.Grid or Continuations): drawn for the teacher, after stage 1 and at the end."""
+        resume: bool, seed: int, log=print, base_hash: str | None = None, preview=None) -> Outcome:
+    """`base_hash`: the teacher's weights_hash, if the caller has it already (it goes into the fingerprint).
+    `preview` (graftc.samples.Grid or Continuations): drawn for the teacher, after stage 1 and at the end."""
     cfg = plan.distill
     w = get_world()
     teacher.to(w.device).eval().requires_grad_(False)
@@ -65,13 +99,16 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
     if cfg.stage2 is not None and cfg.stage2.snr_gamma and not isinstance(task, DiffusionTask):
         raise GraftError(f"distill.stage2.snr_gamma: {loaded.spec} is not a diffusion model, so its samples have no "
                          "noise level to weight by; remove snr_gamma")
-    digest = plan_hash(plan, seed, loaded.spec)
+    if base_hash is None:
+        from graftc.spec import weights_hash
+
+        base_hash = weights_hash(teacher)
+    made_from = fingerprint(plan, seed, loaded.spec, base_hash)
     state = ckpt.load(workdir) if resume and w.main else None
     if resume and w.main and state is None:
         log(f"resume: no checkpoint in {workdir}; starting from the beginning")
-    if state is not None and state[0].get("plan") != digest:
-        raise GraftError(f"--resume: the checkpoint in {workdir} was made by another plan, model or seed; "
-                         "run without --resume to start over")
+    if state is not None:
+        _check_fingerprint(state[0].get("fingerprint"), made_from, workdir)
     if w.main and not resume and workdir.exists():
         shutil.rmtree(workdir)
     if w.size > 1:  # every rank resumes from what rank 0 found
@@ -92,7 +129,10 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
         task.prepare(teacher, lambda *_: None)
     timings.setdefault("data", round(time.perf_counter() - start, 2))
     scalars = Scalars(workdir / "tensorboard" if w.main else None)
-    saver = _Checkpoint(workdir, cfg.checkpoint_every, digest, w)
+    saver = _Checkpoint(workdir, cfg.checkpoint_every, made_from, w)
+    # a single process stops at a step boundary on SIGINT/SIGTERM, with a checkpoint; under torchrun the ranks
+    # could stop at different steps, so a signal there ends the run at once (the last periodic checkpoint stands)
+    graceful = interrupt.deferred if w.size == 1 else contextlib.nullcontext
     if w.main and "teacher_fd" not in quality:
         _measure(task, teacher, quality, "teacher_fd", log)
     if w.main and preview is not None:
@@ -111,7 +151,8 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
             step = meta["step"]
             log(f"resume: stage 1 from step {step}")
         saver.stage, saver.runner, saver.carry = "stage1", runner, {"quality": quality, "seconds": timings}
-        runner.run(step, saver, scalars)
+        with graceful():
+            runner.run(step, saver, scalars)
         summary["stage1"] = [n.summary() for n in nodes]
         history["stage1"] = {n.name: {"train": n.train, "val": n.val} for n in nodes}
         for n in nodes:
@@ -140,7 +181,8 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
             log(f"resume: stage 2 from step {step}")
         else:
             saver(0)  # the stage boundary: a resume never repeats stage 1
-        runner.run(step, saver, scalars)
+        with graceful():
+            runner.run(step, saver, scalars)
         summary["stage2"] = {"steps": cfg.stage2.steps, "steps_run": len(runner.curve) and runner.curve[-1][0],
                              "final_loss": runner.curve[-1][1] if runner.curve else None,
                              "objective": runner.weights, "lora": cfg.stage2.lora is not None,

@@ -1,46 +1,114 @@
 """Atomic checkpoints of a distillation run: tensors in safetensors, everything else in JSON (no pickles).
 
 A checkpoint is one `ckpt-<stage>-<step>.safetensors` plus `state.json` naming it. Both are written to
-temporary files and renamed, the state last, so a kill at any moment leaves the previous complete checkpoint.
+temporary files and renamed, the state last, so a kill at any moment leaves the previous complete checkpoint,
+and so does a write that fails (a full disk): it ends the run with one line naming the file. On SIGINT/SIGTERM
+the training loops save a checkpoint at their next step boundary and stop (graftc.interrupt).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 
 import torch
+
+from graftc.errors import GraftError
+
+
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed over it: readers (another run,
+    a resume) see the old file or the new one, never a part. A failed write (a full disk, a file-size limit)
+    removes the temporary file, leaves `path` as it was, and is a GraftError naming `path`."""
+    from safetensors import SafetensorError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # unique: runs may share a folder
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # on disk before the rename, so a power cut cannot leave a renamed but empty file
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_failed(path: Path, exc: Exception) -> GraftError:
+    """One line for a write that failed: the path and the system's reason ("No space left on device")."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    found = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", reason)  # safetensors wraps the OS's message
+    return GraftError(f"cannot write {path}: {found[1] if found else reason}")
 
 
 def save(workdir: Path, name: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
     from safetensors.torch import save_file
 
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f".{name}.tmp"
     seen, flat = set(), {}
     for k, v in tensors.items():  # tied weights (an LM head sharing the embedding) are stored once each, unshared
         v = v.detach().contiguous().cpu()
         key = (v.untyped_storage().data_ptr(), v.storage_offset())
         flat[k] = v.clone() if key in seen else v
         seen.add(key)
-    save_file(flat, str(tmp))
-    os.replace(tmp, workdir / f"{name}.safetensors")
-    state_tmp = workdir / ".state.json.tmp"
-    state_tmp.write_text(json.dumps({**state, "tensors": f"{name}.safetensors"}, indent=1))
-    os.replace(state_tmp, workdir / "state.json")
+    target = workdir / f"{name}.safetensors"
+    try:
+        write_atomic(target, lambda tmp: save_file(flat, str(tmp)))
+        text = json.dumps({**state, "tensors": target.name}, indent=1)
+        write_atomic(workdir / "state.json", lambda tmp: tmp.write_text(text))
+    except BaseException:
+        if not _names(workdir / "state.json", target.name):  # state.json still names the previous checkpoint
+            target.unlink(missing_ok=True)
+        raise
     for old in workdir.glob("ckpt-*.safetensors"):
-        if old.name != f"{name}.safetensors":
+        if old.name != target.name:
             old.unlink()
 
 
-def load(workdir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    from safetensors.torch import load_file
+def _names(state: Path, tensors: str) -> bool:
+    try:
+        return json.loads(state.read_text()).get("tensors") == tensors
+    except (OSError, ValueError):
+        return False
 
+
+def read_state(workdir: Path) -> dict | None:
+    """state.json of the checkpoint in `workdir` (None without one); unreadable is a GraftError."""
     path = workdir / "state.json"
     if not path.is_file():
         return None
-    state = json.loads(path.read_text())
-    return state, load_file(str(workdir / state["tensors"]))
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _unreadable(workdir, exc) from None
+    if not isinstance(state, dict):
+        raise _unreadable(workdir, ValueError("state.json is not an object"))
+    return state
+
+
+def load(workdir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = read_state(workdir)
+    if state is None:
+        return None
+    try:
+        return state, load_file(str(workdir / state["tensors"]))
+    except (OSError, KeyError, TypeError, SafetensorError) as exc:
+        raise _unreadable(workdir, exc) from None
+
+
+def _unreadable(workdir: Path, exc: Exception) -> GraftError:
+    return GraftError(f"--resume: the checkpoint in {workdir} cannot be read ({str(exc)[:120]}); "
+                      "run without --resume to start over")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:

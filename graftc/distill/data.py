@@ -7,6 +7,7 @@ run sees (each rank takes its slice of the same global batch).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -141,31 +142,106 @@ class Task:
         return None
 
     # -- cache -----------------------------------------------------------------------
-    def _cached(self, key: dict, make, log) -> dict[str, torch.Tensor]:
-        """Samples from the cache folder for `key`, made by `make(n_done, n_total, write_shard)` where missing.
-        Shards are written atomically and a finished set is marked by meta.json, so generation resumes too."""
-        from safetensors.torch import load_file, save_file
+    def _cached(self, key: dict, rows: int, make, log) -> dict[str, torch.Tensor]:
+        """The `rows` samples cached for `key`, in shards of SHARD rows; `make(todo, write)` generates the shards
+        numbered in `todo`, handing each to `write(tensors, i)`.
+
+        A shard is written to a temporary file and renamed, and meta.json, written last, records every shard's
+        sha256: no run reads a half-written shard, an interrupted generation continues where it stopped, and a
+        shard truncated or corrupted since is regenerated with a warning. Runs sharing the cache take turns on
+        the folder (a lock), so the second one waits and then reads what the first made."""
+        from safetensors.torch import save
+
+        from graftc.distill.checkpoint import write_atomic
 
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_root(self.data.cache) / "samples" / f"{self.name}-{digest}"
         meta = folder / "meta.json"
-        if not meta.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            done = sorted(folder.glob("shard-*.safetensors"))
+        names = [f"shard-{i:05d}.safetensors" for i in range(-(-rows // SHARD))]
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder, log):
+            recorded = _recorded(meta)
+            shards, hashes, todo = {}, {}, []
+            for i, name in enumerate(names):
+                found = _read_shard(folder / name, recorded.get(name), min(SHARD, rows - i * SHARD))
+                if found is None:
+                    todo.append(i)
+                else:
+                    shards[i], hashes[name] = found
+            if todo and recorded:  # the set was complete once: a shard was damaged or removed since
+                log(f"data: warning: cached {', '.join(names[i] for i in todo)} in {folder} missing, truncated or "
+                    "corrupt; regenerating")
+            elif not todo:
+                log(f"data: using cached samples in {folder}")
 
-            def write(shard: dict[str, torch.Tensor], i: int) -> None:
-                tmp = folder / f".shard-{i:05d}.tmp"
-                save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp))
-                os.replace(tmp, folder / f"shard-{i:05d}.safetensors")
+            def write(tensors: dict[str, torch.Tensor], i: int) -> None:
+                data = save({k: v.contiguous() for k, v in tensors.items()})
+                write_atomic(folder / names[i], lambda tmp: tmp.write_bytes(data))
+                shards[i], hashes[names[i]] = _loads(data), hashlib.sha256(data).hexdigest()
 
-            make(len(done), write)
-            tmp = folder / ".meta.tmp"
-            tmp.write_text(json.dumps(key, indent=2))
-            os.replace(tmp, meta)
-        else:
-            log(f"data: using cached samples in {folder}")
-        shards = [load_file(str(p)) for p in sorted(folder.glob("shard-*.safetensors"))]
-        return {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+            if todo:
+                make(todo, write)
+            if hashes != recorded:
+                text = json.dumps({"key": key, "sha256": hashes}, indent=2)
+                write_atomic(meta, lambda tmp: tmp.write_text(text))
+        parts = [shards[i] for i in range(len(names))]
+        return {k: torch.cat([s[k] for s in parts]) for k in parts[0]}
+
+
+def _loads(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def _recorded(meta: Path) -> dict[str, str]:
+    """Shard name -> sha256 from a cache folder's meta.json; empty if there is none (or an older one without)."""
+    try:
+        recorded = json.loads(meta.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _read_shard(path: Path, sha256: str | None, rows: int) -> tuple[dict[str, torch.Tensor], str] | None:
+    """A cached shard and its sha256, or None if it is missing, differs from the recorded hash, is not whole
+    safetensors (the header's lengths are checked), or does not hold `rows` samples."""
+    from safetensors import SafetensorError
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        return None
+    try:
+        tensors = _loads(data)
+    except SafetensorError:
+        return None
+    if not tensors or any(t.dim() == 0 or t.shape[0] != rows for t in tensors.values()):
+        return None
+    return tensors, digest
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, log):
+    """An exclusive lock on a cache folder, waited for (the kernel drops it when its holder ends, kill -9 too)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: the atomic renames alone still keep every shard whole
+        yield
+        return
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"data: another run is making the samples in {folder}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------ diffusion models
@@ -197,18 +273,20 @@ class DiffusionTask(Task):
                "sampler_steps": self.data.sampler_steps, "cfg_scale": self.data.cfg_scale, "seed": self.seed,
                **self.key_extra()}
 
-        def make(start_shard: int, write) -> None:
-            from tqdm import tqdm
+        def make(todo: list[int], write) -> None:
+            from graftc.distill.logs import Progress
 
-            shards = range(start_shard, -(-n // SHARD))
-            bar = tqdm(total=n, initial=start_shard * SHARD, desc="data: teacher samples", unit="sample", disable=None)
-            for i in shards:
-                rows = torch.arange(i * SHARD, min((i + 1) * SHARD, n))
+            counts = [min(SHARD, n - i * SHARD) for i in todo]
+            done = n - sum(counts)
+            shown = Progress("data: teacher samples", n, done, unit="sample")
+            for i, count in zip(todo, counts):
+                rows = torch.arange(i * SHARD, i * SHARD + count)
                 write(self.generate(teacher, rows), i)
-                bar.update(len(rows))
-            bar.close()
+                done += count
+                shown.update(done)
+            shown.close()
 
-        self.samples = self._cached(key, make, log)
+        self.samples = self._cached(key, n, make, log)
         self._split()
 
     def key_extra(self) -> dict:

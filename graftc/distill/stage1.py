@@ -184,10 +184,11 @@ class Stage1:
         from graftc.distill.logs import Progress
 
         total = max((n.steps for n in self.nodes), default=0)
-        if start == 0:  # the starting point: validation loss before training, and the first "best" weights
-            self.evaluate([n for n in self.nodes if n.status == "running"], 0)
+        if start == 0 and not any(n.val for n in self.nodes):  # the starting point (unless resumed at step 0):
+            self.evaluate([n for n in self.nodes if n.status == "running"], 0)  # validation loss, first "best"
         shown = Progress(f"stage 1 ({len(self.nodes)} nodes)", total, start, enabled=progress and self.world.main)
         for step in range(start, total):
+            checkpoint.stop_point(step)  # SIGINT/SIGTERM: save this step boundary, then stop
             active = [n for n in self.nodes if n.status == "running" and step < n.steps]
             if not active:
                 break

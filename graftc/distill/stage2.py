@@ -132,6 +132,7 @@ class Stage2:
         self.student.train()
         shown = Progress("stage 2", self.cfg.steps, start, enabled=progress and self.world.main)
         for step in range(start, self.cfg.steps):
+            checkpoint.stop_point(step)  # SIGINT/SIGTERM: save this step boundary, then stop
             torch.manual_seed(int(generator(self.task.seed, "stage2-rng", step).initial_seed()))  # dropout, resumable
             batch = self.task.batch("stage2", step, self.cfg.batch_size, self.world.rank,
                                     self.world.size).to(self.world.device)
