@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
 import math
 import os
 import subprocess
