@@ -61,12 +61,10 @@ def _compile_locked(args, plan, out) -> int:
 
         check_resume(workdir, plan, args.seed, args.model, base_hash)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
-    teacher = copy.deepcopy(loaded.model) if plan.distill is not None else None
     from graftc import samples, sensitivity
 
-    preview = samples.preview(loaded, plan.data, args.seed, log=print)  # samples.png / continuations in report.md
-    if preview is not None and plan.distill is None:  # the rewrite is in place: the teacher's row comes first
-        preview.add("teacher", loaded.model)
+    # the rewrite is in place: the teacher is kept for distillation, and for samples.png / continuations
+    teacher = copy.deepcopy(loaded.model) if plan.distill is not None or samples.applies(loaded) else None
     from graftc.analysis import cached_locality
 
     result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"),
@@ -79,6 +77,7 @@ def _compile_locked(args, plan, out) -> int:
     print(f"rewrote {len(result.rewrites)} regions; params {human(first.params_before)} -> {human(last.params_after)}, "
           f"FLOPs {human(first.flops_before)} -> {human(last.flops_after)}")
     distill = quality = files = None
+    preview = samples.preview(loaded, plan.data, args.seed, log=print)  # None for models with neither
     if plan.distill is not None:
         from graftc.distill import run as run_distill
         from graftc.distill.speed import compare
@@ -91,6 +90,7 @@ def _compile_locked(args, plan, out) -> int:
         distill["speed"] = compare(teacher, result.model, loaded)
         _print_quality(quality, distill["speed"])
     elif preview is not None:
+        preview.add("teacher", teacher)
         preview.add("graft", result.model)
         files = preview.files(workdir)
     report = report_markdown(args.model, result, distill, quality, preview.markdown() if preview else None)

@@ -39,9 +39,17 @@ def parse_columns(value) -> int:
     return n
 
 
+def applies(loaded) -> bool:
+    """Whether `preview` may have something for this model (checked before a rewrite changes it)."""
+    from graftc.evaluate import is_causal_lm
+
+    return loaded.family in ("dit", "diffusers") or is_causal_lm(loaded.model)
+
+
 def preview(loaded, data, seed: int, columns: int | None = None, log=print):
     """The preview that fits the model: a Grid for image-generating models, Continuations for causal LMs, else
-    None. A text-to-image model without the prompt embeddings it is distilled on has no grid (said in `log`)."""
+    None. A text-to-image model without the prompt embeddings it is distilled on gets `Skipped` (its reason goes
+    into report.md; nothing is printed, so that a later error stays the only line)."""
     from graftc.evaluate import is_causal_lm
 
     if is_causal_lm(loaded.model):
@@ -49,8 +57,7 @@ def preview(loaded, data, seed: int, columns: int | None = None, log=print):
     try:
         task = image_task(loaded, data, seed)
     except GraftError as exc:
-        log(f"samples.png: skipped ({exc})")
-        return None
+        return Skipped(str(exc))
     return Grid(task, columns, log=log) if task is not None else None
 
 
@@ -85,6 +92,28 @@ def image_task(loaded, data, seed: int):
     task = copy.copy(task)
     task.seed = (seed, "grid")  # the task's sampler seeds its noise from (seed, "samples", first row)
     return task
+
+
+class Skipped:
+    """An image model with no grid (its conditions are missing): every call is a no-op but the report's note."""
+
+    def __init__(self, reason: str):
+        self.reason, self.seconds = reason, 0.0
+
+    def add(self, name, model) -> None:
+        pass
+
+    def save(self, path) -> None:
+        pass
+
+    def load(self, path) -> None:
+        pass
+
+    def files(self, folder) -> dict:
+        return {}
+
+    def markdown(self) -> list[str]:
+        return ["## Samples", "", f"No samples.png: {self.reason}"]
 
 
 class _Rows:

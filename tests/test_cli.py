@@ -27,7 +27,8 @@ def test_compile_writes_artifact(tmp_path, capsys):
     assert main(["compile", "demo:tiny-dit", str(EXAMPLES / "attn50-mlp100.yaml"), "-o", str(out), "--emit-code"]) == 0
     printed = capsys.readouterr().out
     assert "forward of blocks.1.attn" in printed and "rewrote 9 regions" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors", "plan.yaml", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors", "plan.yaml", "report.md",
+                                                     "samples.png"]  # an image model: teacher and graft samples
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["spec"] == "demo:tiny-dit" and len(manifest["base"]["weights_sha256"]) == 64
     assert [r["fqn"] for r in manifest["rewrites"]][:2] == ["blocks.1.attn", "blocks.3.attn"]

@@ -260,3 +260,15 @@ def test_lm_report_shows_teacher_and_graft_continuations(tmp_path, graft, same):
     if not same:
         assert any(theirs != ours for _, ours, theirs, _ in rows)
         assert any(int(c.split("/")[0]) < int(c.split("/")[1]) for *_, c in rows)
+
+
+def test_text_to_image_model_without_prompt_embeddings_says_why_it_has_no_grid(tmp_path):
+    from tests import zoo
+
+    spec = zoo.pixart(tmp_path / "pixart")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "graft": COPY}))
+    out = tmp_path / "out"
+    assert main(["compile", spec, str(plan), "-o", str(out)]) == 0
+    assert not (out / "samples.png").exists()
+    assert "No samples.png: data.prompt_embeds:" in (out / "report.md").read_text()

@@ -53,9 +53,9 @@ class Progress:
         step, self.done = int(done) - self.done, int(done)
         self.values = values
         if self.bar is not None:
-            self.bar.update(step)
             if values:
                 self.bar.set_postfix({k: _fmt(v) for k, v in values.items()}, refresh=False)
+            self.bar.update(step)  # redraws (at most every tqdm mininterval) with the new values
             return
         now = time.perf_counter()
         if self.last_line is None or now - self.last_line >= self.interval or self.done >= self.total:
