@@ -19,13 +19,13 @@ from graftc.models.dit import (
     timestep_embedding,
 )
 
-KEYS_JSON = Path("/work/shared/dit_checkpoint_keys.json")
+# Every key and shape of the official DiT-XL/2 and DiT-S/2 checkpoints with their parameter counts (a copy of
+# ../shared/dit_checkpoint_keys.json kept in the repository, so these tests run on any checkout)
+KEYS_JSON = Path(__file__).resolve().parent / "data" / "dit_checkpoint_keys.json"
 
 
 @pytest.fixture(scope="module")
 def reference():
-    if not KEYS_JSON.is_file():
-        pytest.skip(f"{KEYS_JSON} not available")
     return json.loads(KEYS_JSON.read_text())
 
 
