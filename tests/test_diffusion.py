@@ -84,6 +84,29 @@ def test_ddim_with_an_oracle_returns_x0(diffusion, steps):
     assert steps == 1 or seen[-1] == 0
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_ddim_steps_follow_the_closed_form(diffusion, steps):
+    """With a noise prediction that is not the oracle's, every step must be DDIM's (eta = 0) update, written here
+    in its ODE form: x_prev / sqrt(a_prev) = x_t / sqrt(a_t) + (sigma_prev - sigma_t) eps, sigma = sqrt((1 - a) / a),
+    from T-1 down to a_prev = 1 after the last visited timestep."""
+    g = torch.Generator().manual_seed(steps)
+    noise = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+
+    def eps_fn(x_t, t):  # depends on x_t and t, like a network, and recovers no x0
+        return 0.5 * torch.tanh(x_t) + bias * (t.view(-1, 1, 1, 1).double() + 1) / 1000
+
+    a = diffusion.alphas_cumprod
+    visited = [round(999 - i * 999 / (steps - 1)) for i in range(steps)] if steps > 1 else [999]
+    x = noise.clone()
+    for i, t in enumerate(visited):
+        a_t, a_prev = float(a[t]), float(a[visited[i + 1]]) if i + 1 < steps else 1.0
+        eps = eps_fn(x, torch.full((3,), t))
+        sigma_t, sigma_prev = ((1 - a_t) / a_t) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
+        x = (x / a_t**0.5 + (sigma_prev - sigma_t) * eps) * a_prev**0.5
+    torch.testing.assert_close(diffusion.sample(eps_fn, noise, steps=steps), x, rtol=1e-9, atol=1e-9)
+
+
 def test_ddim_timesteps_are_evenly_spaced(diffusion):
     assert diffusion.ddim_timesteps(4) == [999, 666, 333, 0]
     assert len(set(diffusion.ddim_timesteps(1000))) == 1000

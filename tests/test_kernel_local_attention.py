@@ -77,12 +77,46 @@ NEIGHBORHOOD_CASES = [
 ]
 
 
+# The references are written out here, independent of the kernels' window geometry: dense softmax attention
+# under an explicit boolean mask, differentiated by autograd.
+def masked_attention(q, k, v, mask, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask.to(q.device), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def window_mask(tokens, window, causal):
+    """Query i sees key j when |i - j| <= window; causal: only j <= i."""
+    i, j = torch.arange(tokens)[:, None], torch.arange(tokens)[None, :]
+    return ((i - j).abs() <= window) & ((j <= i) if causal else True)
+
+
+def neighborhood_mask(height, width, kernel):
+    """Query (y, x) sees key (y', x') when |y - y'| <= kernel // 2 and |x - x'| <= kernel // 2 (raster order)."""
+    r = kernel // 2
+    y, x = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+    return ((y[:, None] - y[None, :]).abs() <= r) & ((x[:, None] - x[None, :]).abs() <= r)
+
+
 def window_reference(window, causal):
-    return lambda q, k, v: la.window_attention_reference(q, k, v, window, causal)
+    return lambda q, k, v: masked_attention(q, k, v, window_mask(q.shape[-2], window, causal))
 
 
-def neighborhood_reference(grid, kernel):
-    return lambda q, k, v: la.neighborhood_attention_reference(q, k, v, grid, kernel)
+def neighborhood_reference(grid, kernel, scale=None):
+    return lambda q, k, v: masked_attention(q, k, v, neighborhood_mask(*grid, kernel), scale)
+
+
+@pytest.mark.parametrize("case", ["window", "causal-window", "neighborhood"])
+def test_library_references_match_the_explicit_masks(case):
+    """graftc's own dense references (used by benchmarks and the GPU check) agree with the masks written here."""
+    q, k, v = qkv(1, 2, 35, 8)
+    if case == "neighborhood":
+        ours = la.neighborhood_attention_reference(q, k, v, (5, 7), 3)
+        theirs = neighborhood_reference((5, 7), 3)(q, k, v)
+    else:
+        causal = case == "causal-window"
+        ours, theirs = la.window_attention_reference(q, k, v, 4, causal), window_reference(4, causal)(q, k, v)
+    assert rel_rms(ours, theirs) < BOUND
 
 
 # -- blocked CPU path ---------------------------------------------------------------------------------------------
@@ -128,7 +162,7 @@ def test_blocked_in_head_chunks():
     q, k, v = qkv(2, 3, 7 * 10, 16)
     win = la._Window(7, 10, 1, 1)
     attend = lambda q, k, v: la._LocalAttention.apply(q, k, v, win, 0.25, la._Blocked((4, 8), chunk_bytes=1))
-    reference = lambda q, k, v: la.neighborhood_attention_reference(q, k, v, (7, 10), 3, scale=0.25)
+    reference = neighborhood_reference((7, 10), 3, scale=0.25)
     assert len(la._Blocked((4, 8), chunk_bytes=1).chunks(q, la._tiling(win, (4, 8)))) == 6
     assert_matches(attend, reference, q, k, v)
 
@@ -177,7 +211,7 @@ def test_triton_half_inputs(dtype):
     """16-bit inputs: fp32 accumulation inside, so only the inputs' and output's rounding shows."""
     q, k, v = qkv(1, 4, 1024, 72, dtype=dtype)
     out = la.neighborhood_attention_triton(q, k, v, (32, 32), 7)
-    expected = la.neighborhood_attention_reference(q.float(), k.float(), v.float(), (32, 32), 7)
+    expected = neighborhood_reference((32, 32), 7)(q.float(), k.float(), v.float())
     assert out.dtype == dtype and rel_rms(out, expected) < 1e-2
 
 
