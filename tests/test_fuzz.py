@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import math
 import os
 import subprocess
@@ -201,6 +202,27 @@ def test_empty_and_no_op_plans_are_errors_unless_distill_only():
     plan = plan_from_bytes(b"version: 1\ndistill_only: true\ndistill: {stage2: {steps: 2}}\n", "p.yaml")
     assert plan.distill_only and plan.graft == [] and plan.distill.stage2.steps == 2
     assert parse_plan({"version": 1}).data.samples == 512  # the schema alone still gives defaults
+
+
+def test_distill_only_plan_compiles_without_rewrites(tmp_path):
+    from graftc.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\ndistill_only: true\ndistill: {stage2: {steps: 2, batch_size: 2, warmup: 0}}\n"
+                    f"data: {{samples: 8, sampler_steps: 2, fd_samples: 0, cache: {tmp_path / 'cache'}}}\n")
+    assert main(["compile", "demo:tiny-dit", str(plan), "-o", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rewrites"] == [] and manifest["distill"]["stage2"]["steps_run"] == 2
+    assert artifact.verify_artifact(tmp_path / "out")["format"] == 2
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_are_refused(value):
+    for doc in ({**EXAMPLES["hyena-x-50.yaml"], "distill": {"stage2": {"lr": value}}},
+                {**EXAMPLES["attn50-mlp100.yaml"], "data": {"cfg_scale": value}},
+                {"version": 1, "graft": [{"select": {"kind": "mlp", "ratio": 0.5}, "replace": {"op": "mlp", "ratio": value}}]}):
+        with pytest.raises(GraftError, match="finite number|greater than|less than"):
+            plan_from_bytes(yaml.safe_dump(doc).encode(), "p.yaml")
 
 
 CLI_CASES = {
