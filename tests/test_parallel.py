@@ -428,6 +428,10 @@ def test_stage1_regresses_the_pair_onto_the_pairs_output(tmp_path):
     assert isinstance(model.blocks[0], ParallelDiTBlock) and isinstance(model.blocks[1], PairedAway)
 
 
+# |parallel - pair| / |pair update| at the start, and the same for dropping each pair's second block
+GAPS, DROPS = [0.2801, 0.3036, 0.2563], [0.2230, 0.5616, 0.7203]
+
+
 def test_start_gap_on_demo():
     """How far the [I | I] merge starts from the sequential pair on the pretrained demo DiT (reported, bounded)."""
     loaded = load_model("demo:tiny-dit")  # ships inside graftc
@@ -440,15 +444,21 @@ def test_start_gap_on_demo():
              for p in range(3)]
     with torch.no_grad():
         teacher(*args)
-        gaps = []
+        gaps, drops = [], []
         for p in range(3):
             x, c = caught[p]
             pair = teacher.blocks[2 * p + 1](teacher.blocks[2 * p](x, c), c)
             dropped = teacher.blocks[2 * p](x, c)  # the naive depth-halving: drop the second block
-            gap = (student.blocks[2 * p](x, c) - pair).norm() / (pair - x).norm()
-            gaps.append(gap.item())
-            assert gap < (dropped - pair).norm() / (pair - x).norm() or p == 0
+            merged = student.blocks[2 * p](x, c)
+            # the start by its definition, from the teacher's two blocks: x + u_0(x) + u_1(x), u_i(x) = block_i(x) - x
+            by_definition = x + (teacher.blocks[2 * p](x, c) - x) + (teacher.blocks[2 * p + 1](x, c) - x)
+            assert (merged - by_definition).norm() <= 1e-5 * by_definition.norm()
+            gaps.append(((merged - pair).norm() / (pair - x).norm()).item())
+            drops.append(((dropped - pair).norm() / (pair - x).norm()).item())
     for h in hooks:
         h.remove()
-    print("start gap |parallel - pair| / |pair update| per pair:", [f"{g:.3f}" for g in gaps])
-    assert max(gaps[1:]) < 0.5
+    print("start gap |parallel - pair| / |pair update| per pair:", [f"{g:.4f}" for g in gaps],
+          "dropping the second block:", [f"{g:.4f}" for g in drops])
+    # measured on the shipped demo weights (fixed inputs): every pair's gap to within 0.002
+    assert gaps == pytest.approx(GAPS, abs=2e-3) and drops == pytest.approx(DROPS, abs=2e-3)
+    assert gaps[1] < drops[1] and gaps[2] < drops[2]  # where the merge beats the naive halving
