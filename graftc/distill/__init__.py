@@ -7,6 +7,7 @@ the model family has a figure for it (FD for the demo DiT). Everything it return
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import shutil
 import time
@@ -37,7 +38,7 @@ class Outcome:
 class _Checkpoint:
     """Callable that saves the current stage's state with the run's summary so far."""
 
-    def __init__(self, workdir: Path, every: int, fingerprint: dict, world):
+    def __init__(self, workdir: Path, every: int, fingerprint, world):
         self.workdir, self.every, self.fingerprint, self.world = workdir, every, fingerprint, world
         self.stage, self.runner, self.carry = None, None, {}
 
@@ -46,7 +47,7 @@ class _Checkpoint:
             return
         tensors, state = self.runner.state()
         ckpt.save(self.workdir, f"ckpt-{self.stage}-{step:07d}", tensors,
-                  {"fingerprint": self.fingerprint, "stage": self.stage, "step": step, "state": state,
+                  {"fingerprint": self.fingerprint(), "stage": self.stage, "step": step, "state": state,
                    "carry": self.carry})
 
     def stop_point(self, step: int) -> None:
@@ -99,16 +100,18 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
     if cfg.stage2 is not None and cfg.stage2.snr_gamma and not isinstance(task, DiffusionTask):
         raise GraftError(f"distill.stage2.snr_gamma: {loaded.spec} is not a diffusion model, so its samples have no "
                          "noise level to weight by; remove snr_gamma")
-    if base_hash is None:
+
+    @functools.cache
+    def made_from() -> dict:  # hashing the weights waits until a checkpoint needs it (sweeps may save none)
         from graftc.spec import weights_hash
 
-        base_hash = weights_hash(teacher)
-    made_from = fingerprint(plan, seed, loaded.spec, base_hash)
+        return fingerprint(plan, seed, loaded.spec, base_hash or weights_hash(teacher))
+
     state = ckpt.load(workdir) if resume and w.main else None
     if resume and w.main and state is None:
         log(f"resume: no checkpoint in {workdir}; starting from the beginning")
     if state is not None:
-        _check_fingerprint(state[0].get("fingerprint"), made_from, workdir)
+        _check_fingerprint(state[0].get("fingerprint"), made_from(), workdir)
     if w.main and not resume and workdir.exists():
         shutil.rmtree(workdir)
     if w.size > 1:  # every rank resumes from what rank 0 found
