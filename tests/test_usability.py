@@ -9,32 +9,53 @@ import torch
 import graftc
 from graftc.spec import load_model
 from tests import zoo
-from tests.helpers import graft, max_diff, plan_of, run, save_and_load
+from tests.helpers import graft, max_diff, perturb, plan_of, run, save_and_load
 
 SELF_COPY = plan_of(({"kind": "attention", "layers": "all"}, {"op": "self", "init": "copy"}))
 NARROW = plan_of(({"kind": "attention", "ratio": 0.5}, {"op": "self", "init": "random"}),
                  ({"kind": "mlp", "layers": "all"}, {"op": "mlp", "ratio": 3}))
+# New operators that start as the teacher: a window covering every token (q/k/v/o copied), a wider MLP whose
+# extra units start at zero, and copies: the grafted model must give the teacher's outputs wherever it is used.
+EXACT = plan_of(({"kind": "attention", "layers": "::2"}, {"op": "swa", "window": 10_000}),
+                ({"kind": "attention", "layers": "1::2"}, {"op": "self", "init": "copy"}),
+                ({"kind": "mlp", "layers": "::2"}, {"op": "mlp", "ratio": 6, "init": "teacher"}),
+                ({"kind": "mlp", "layers": "1::2"}, {"op": "self", "init": "copy"}))
+
+
+def _dit_images(transformer):
+    return zoo.dit_pipeline(transformer)(class_labels=[1, 7], num_inference_steps=3, guidance_scale=1.0,
+                                         generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
 def test_grafted_dit_runs_in_dit_pipeline(tmp_path):
     loaded = load_model(zoo.diffusers_dit(tmp_path))
-    _, result = graft(loaded, NARROW)
-    pipe = zoo.dit_pipeline(result.model)
-    images = pipe(class_labels=[1], num_inference_steps=2, guidance_scale=1.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert images.shape == (1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, 3)
-    assert torch.isfinite(torch.as_tensor(images)).all()
+    perturb(loaded.model)  # a zero-initialized (adaLN-Zero) DiT would hide any difference
+    expected = _dit_images(loaded.model)
+    _, exact = graft(loaded, EXACT)
+    images = _dit_images(exact.model)
+    assert images.shape == (2, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, 3)
+    assert abs(images - expected).max() <= 1e-5
+    _, narrow = graft(loaded, NARROW)
+    assert abs(_dit_images(narrow.model) - expected).max() > 1e-3  # the comparison sees a real change
+
+
+def _pixart_latents(transformer):
+    return zoo.pixart_pipeline(transformer)(
+        prompt="a photo of a cat", num_inference_steps=3, height=zoo.IMAGE_SIZE, width=zoo.IMAGE_SIZE,
+        use_resolution_binning=False, clean_caption=False, max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0), output_type="latent").images
 
 
 def test_grafted_pixart_runs_in_pixart_sigma_pipeline(tmp_path):
     loaded = load_model(zoo.pixart(tmp_path))
-    _, result = graft(loaded, NARROW)
-    pipe = zoo.pixart_pipeline(result.model)
-    latents = pipe(prompt="a photo of a cat", num_inference_steps=2, height=zoo.IMAGE_SIZE, width=zoo.IMAGE_SIZE,
-                   use_resolution_binning=False, clean_caption=False, max_sequence_length=16,
-                   generator=torch.Generator().manual_seed(0), output_type="latent").images
+    perturb(loaded.model)
+    expected = _pixart_latents(loaded.model)
+    _, exact = graft(loaded, EXACT)
+    latents = _pixart_latents(exact.model)
     assert latents.shape == (1, zoo.LATENT_CHANNELS, zoo.LATENT_SIZE, zoo.LATENT_SIZE)
-    assert torch.isfinite(latents).all()
+    assert (latents - expected).abs().max() <= 1e-5 * expected.abs().max()
+    _, narrow = graft(loaded, NARROW)
+    assert (_pixart_latents(narrow.model) - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
 @pytest.mark.parametrize("builder", [zoo.qwen3, zoo.llama], ids=["qwen3", "llama"])
@@ -42,20 +63,29 @@ def test_grafted_causal_lm_generates(builder, tmp_path):
     loaded = load_model(builder(tmp_path))
     prompt = torch.tensor([[1, 5, 7, 9]])
     expected = loaded.model.generate(prompt, max_new_tokens=6, do_sample=False)
-    _, copied = graft(loaded, SELF_COPY)  # an exact graft decodes the same tokens, with the KV cache
-    assert torch.equal(copied.model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    for plan in (SELF_COPY, EXACT):  # an exact graft decodes the same tokens, with the KV cache
+        _, copied = graft(loaded, plan)
+        assert torch.equal(copied.model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
     _, narrowed = graft(loaded, NARROW)
     tokens = narrowed.model.generate(prompt, max_new_tokens=6, do_sample=False)
-    assert tokens.shape == expected.shape
+    greedy = prompt  # the same decode by hand: argmax of a full forward, one token at a time, no cache
+    with torch.no_grad():
+        for _ in range(6):
+            greedy = torch.cat([greedy, narrowed.model(greedy, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(tokens, greedy)
 
 
 def test_grafted_bert_keeps_output_type(tmp_path):
     loaded = load_model(zoo.bert(tmp_path))
+    perturb(loaded.model)
     original = loaded.model(**loaded.kwargs)
-    _, result = graft(loaded, NARROW)
+    _, result = graft(loaded, EXACT)
     out = result.model(**loaded.kwargs)
     assert type(out) is type(original)
-    assert out.last_hidden_state.shape == original.last_hidden_state.shape
+    for name in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(getattr(out, name), getattr(original, name), rtol=0, atol=1e-5)
+    _, narrow = graft(loaded, NARROW)
+    assert (narrow.model(**loaded.kwargs).last_hidden_state - original.last_hidden_state).abs().max() > 1e-3
 
 
 def test_eager_attention_matches_explicit_pattern(tmp_path):
