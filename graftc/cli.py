@@ -448,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--cache", help="data cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     w.add_argument("--seed", type=int, default=0, help="seed")
     w.set_defaults(run=_sweep)
-    v = sub.add_parser("verify", help="check an artifact: its format and the sha256 of model.safetensors")
+    v = sub.add_parser("verify", help="check an artifact: its format and the sha256 of its manifest and weights")
     v.add_argument("artifact", help="artifact directory (written by graftc compile)")
     v.set_defaults(run=_verify)
     sch = sub.add_parser("plan-schema", help="print the plan's JSON Schema")
