@@ -23,3 +23,17 @@ settings.register_profile("ci", max_examples=200, derandomize=True, deadline=Non
 settings.register_profile("long", max_examples=5000, derandomize=False, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("ci")
+
+
+# The longest tests (real models, subprocess compiles, property suites) go first, so that with two workers
+# neither ends the run alone with one of them.
+LONGEST_FIRST = ("test_properties.py", "test_real_distill.py", "test_faults.py", "test_distill.py",
+                 "test_real_models.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept

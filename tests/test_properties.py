@@ -114,7 +114,7 @@ PLANS = dict(cfg=configs(), attn_sel=selections("attention"), attn_op=ATTENTION_
 HEALTH = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=HEALTH)
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=HEALTH)
 @given(**PLANS)
 def test_random_plans_run_and_round_trip(cfg, attn_sel, attn_op, mlp_sel, mlp_op, tmp_path_factory):
     _check_random_plan(cfg, attn_sel, attn_op, mlp_sel, mlp_op, tmp_path_factory)
