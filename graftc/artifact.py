@@ -19,6 +19,7 @@ import torch
 
 from graftc import __version__
 from graftc.errors import GraftError, read_json
+from graftc.files import file_sha256, write_failed
 from graftc.plan import dump_plan
 
 FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
@@ -127,22 +128,12 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
             shutil.rmtree(out)
         os.replace(tmp, out)
     except (OSError, SafetensorError) as exc:  # a full disk: an existing OUT is left as it was
-        from graftc.distill.checkpoint import write_failed
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(out, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -166,12 +157,12 @@ def read_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def verify_artifact(out: str | Path) -> dict:
+def verify_artifact(out: str | Path, manifest: dict | None = None) -> dict:
     """Check the artifact's format, that the manifest is as written (its recorded digest) and that
     model.safetensors is the file the manifest recorded (sha256). Returns {"format", "sha256", "bytes"}; any
     problem is a GraftError."""
     out = Path(out)
-    manifest = read_manifest(out)
+    manifest = manifest if manifest is not None else read_manifest(out)
     weights = out / "model.safetensors"
     if not weights.is_file():
         raise GraftError(f"{out}: model.safetensors is missing")
@@ -241,5 +232,5 @@ def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bo
         raise GraftError(f"{weights}: does not match the replayed model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
     if verify and manifest["format"] >= 2:  # after reading, so a file that is not safetensors says so first
-        verify_artifact(out)
+        verify_artifact(out, manifest)
     return model.eval()

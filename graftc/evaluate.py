@@ -224,17 +224,13 @@ class InceptionExtractor(FeatureExtractor):
         return self._ref
 
     def _digits_reference(self) -> dict:
-        import hashlib
         import os
 
         from graftc.distill.data import cache_root
+        from graftc.files import file_sha256
         from graftc.models.demo import load_digits_tensor
 
-        sha = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-        file = cache_root(self.cache) / "inception" / f"digits-{sha.hexdigest()[:16]}.npz"
+        file = cache_root(self.cache) / "inception" / f"digits-{file_sha256(self.path)[:16]}.npz"
         if file.is_file():
             try:
                 with np.load(file, allow_pickle=False) as z:

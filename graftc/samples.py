@@ -124,8 +124,11 @@ class _Rows:
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.rows.items()}, str(path))
+        from graftc.files import write_atomic
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # atomic like the checkpoints it sits beside
+        rows = {k: v.contiguous() for k, v in self.rows.items()}
+        write_atomic(Path(path), lambda tmp: save_file(rows, str(tmp)))
 
     def load(self, path: Path) -> None:
         """Rows saved by `save` that are not drawn yet."""

@@ -152,7 +152,7 @@ class Task:
         the folder (a lock), so the second one waits and then reads what the first made."""
         from safetensors.torch import save
 
-        from graftc.distill.checkpoint import write_atomic
+        from graftc.files import write_atomic
 
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_root(self.data.cache) / "samples" / f"{self.name}-{digest}"
