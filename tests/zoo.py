@@ -155,19 +155,17 @@ def qwen3(directory, depth: int = 2, heads: int = 4, kv_heads: int = 2, head_dim
 
 def _causal_lm(config_name: str, model_name: str, depth: int, heads: int, kv_heads: int, head_dim: int):
     """A seeded, eval-mode transformers causal LM of the given family with the zoo's shared sizes."""
+    return _seeded(config_name, model_name, vocab_size=VOCAB_SIZE, hidden_size=heads * head_dim,
+                   intermediate_size=64, num_hidden_layers=depth, num_attention_heads=heads,
+                   num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=64,
+                   tie_word_embeddings=False)
+
+
+def _seeded(config_name: str, model_name: str, **config):
+    """transformers' `model_name` built from `config_name(**config)` under the zoo's seed, in eval mode."""
     import transformers
 
-    config = getattr(transformers, config_name)(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=heads * head_dim,
-        intermediate_size=64,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = getattr(transformers, config_name)(**config)
     torch.manual_seed(SEED)
     return getattr(transformers, model_name)(config).eval()
 
@@ -265,20 +263,9 @@ def vit(directory, depth: int = 2, heads: int = 2, head_dim: int = 16) -> str:
 
 def _image_classifier(config_name: str, model_name: str, depth: int, heads: int, head_dim: int):
     """A seeded, eval-mode transformers image classifier with the zoo's ViT sizes."""
-    import transformers
-
-    config = getattr(transformers, config_name)(
-        image_size=VIT_IMAGE,
-        patch_size=VIT_PATCH,
-        num_channels=3,
-        hidden_size=heads * head_dim,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        intermediate_size=64,
-        num_labels=VIT_LABELS,
-    )
-    torch.manual_seed(SEED)
-    return getattr(transformers, model_name)(config).eval()
+    return _seeded(config_name, model_name, image_size=VIT_IMAGE, patch_size=VIT_PATCH, num_channels=3,
+                   hidden_size=heads * head_dim, num_hidden_layers=depth, num_attention_heads=heads,
+                   intermediate_size=64, num_labels=VIT_LABELS)
 
 
 def make_vit(depth: int = 2, heads: int = 2, head_dim: int = 16):
