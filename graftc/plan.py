@@ -151,6 +151,10 @@ class Data(Strict):
     cfg_scale: float = Field(1.5, ge=0, description="diffusion models: classifier-free guidance scale")
     text: str | None = Field(None, description="language models and encoders: a text file, or a folder of .txt files")
     seq_len: int = Field(128, ge=2, description="language models and encoders: tokens per sample")
+    text_unit: Literal["window", "sentence"] = Field(
+        "window", description="language models and encoders: 'window' cuts the text into blocks of seq_len tokens; "
+                              "'sentence' makes each prose sentence one sample, with the tokenizer's special tokens, "
+                              "padded to seq_len (what a sentence encoder embeds); padding never enters a loss")
     prompt_embeds: str | None = Field(None, description="text-to-image models: a safetensors file with "
                                                         "prompt_embeds [P, L, C] (and optionally prompt_mask [P, L])")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the samples held out for validation")

@@ -134,9 +134,14 @@ def _sentences_of(paragraph: str, min_words: int, max_words: int) -> list[str]:
 
 def sentences(split: str = "heldout", min_words: int = 6, max_words: int = 40) -> list[str]:
     """The prose sentences of a split, in topic (sorted) and text order, without duplicates."""
+    return sentences_in(split_topics(split).values(), min_words, max_words)
+
+
+def sentences_in(texts, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """The prose sentences of texts (paragraphs separated by blank lines), in order, without duplicates."""
     seen, out = set(), []
-    for topic in split_topics(split).values():
-        for para in _prose(topic):
+    for raw in texts:
+        for para in _prose(raw):
             for s in _sentences_of(para, min_words, max_words):
                 if s not in seen:
                     seen.add(s)

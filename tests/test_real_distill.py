@@ -108,3 +108,35 @@ def test_minilm_hyena_x_distills_and_reloads(minilm, tmp_path, monkeypatch):
     sentences = text.sentences("heldout")[:64]
     same = evaluate.embedding_quality(distilled, model, loaded.tokenizer, sentences)  # in memory vs reloaded
     assert same["embedding_cosine_min"] > 1 - 1e-9 and same["retrieval_top1"] == 1.0
+
+
+def test_sentence_samples_keep_special_tokens_and_padding_stays_out_of_losses(minilm):
+    """text_unit: sentence: one prose sentence a sample, [CLS] ... [SEP] then padding, and the mask that keeps the
+    padding out of both stages' losses (real_tokens)."""
+    from graftc.distill.data import TextTask, real_tokens
+    from graftc.plan import Data
+
+    tokenizer = minilm.tokenizer
+    task = TextTask(minilm, Data(text_unit="sentence", seq_len=48, val_fraction=0.05), seed=0)
+    task.prepare(None, log=lambda *_: None)
+    ids, mask = task.samples["input_ids"], task.samples["attention_mask"].bool()
+    found = text.sentences("train")
+    assert len(ids) == len(found) and len(found) > 500
+    lengths = mask.sum(1)
+    assert int(lengths.min()) < 20 < 48 == int(lengths.max())  # short sentences are padded, long ones cut at seq_len
+    assert (ids[:, 0] == tokenizer.cls_token_id).all()
+    assert (ids.gather(1, (lengths - 1)[:, None]).squeeze(1) == tokenizer.sep_token_id).all()
+    assert (ids[~mask] == tokenizer.pad_token_id).all() and mask[:, :1].all()
+    assert tokenizer.decode(ids[3][mask[3]], skip_special_tokens=True) == tokenizer.decode(
+        tokenizer(found[3], add_special_tokens=False)["input_ids"])
+
+    batch = task.batch("stage2", 0, 4)
+    assert torch.equal(batch.kwargs["attention_mask"], batch.target["attention_mask"])
+    keep = task.token_mask(batch)
+    student, teacher = torch.randn(4, 48, 8), torch.randn(4, 48, 8)
+    loss = task.distill_loss(*real_tokens(keep, student, teacher))
+    noisy_padding = student.masked_fill(~keep[..., None], 1e3)
+    assert torch.equal(task.distill_loss(*real_tokens(keep, noisy_padding, teacher)), loss)  # padding: no effect
+    moved = student.clone()
+    moved[0, 0] += 1
+    assert task.distill_loss(*real_tokens(keep, moved, teacher)) != loss  # a real token: an effect

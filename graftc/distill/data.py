@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graftc import text
 from graftc.errors import GraftError
 
 SHARD = 256  # samples per cache shard
@@ -65,6 +66,14 @@ def mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -
         return F.mse_loss(a.float(), b.float())
     per_sample = (a.float() - b.float()).pow(2).flatten(1).mean(1)
     return (weights.to(per_sample) * per_sample).mean()
+
+
+def real_tokens(mask: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each [B, L, ...] tensor cut to the tokens where mask [B, L] is True ([N, ...]); all of them if mask is None
+    or a tensor is not per-token (so padded samples' padding never enters a loss)."""
+    if mask is None:
+        return tensors
+    return tuple(t[mask] if t.dim() >= 2 and t.shape[:2] == mask.shape else t for t in tensors)
 
 
 def cache_root(setting: str | None) -> Path:
@@ -135,6 +144,10 @@ class Task:
     def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor,
                      weights: torch.Tensor | None = None) -> torch.Tensor:
         return mse(student, teacher, weights)
+
+    def token_mask(self, batch: Batch) -> torch.Tensor | None:
+        """[B, L] True where a sample has a real token, for tasks whose samples are padded; else None."""
+        return None
 
     # -- quality -------------------------------------------------------------------
     def quality(self, model: torch.nn.Module) -> float | None:
@@ -507,17 +520,35 @@ class TextTask(Task):
                 raise GraftError(f"data.text: {'no .txt files in' if path.exists() else 'not found:'} {path}")
             where, raw = str(path), "\n\n".join(f.read_text(errors="replace") for f in files)
         else:  # graftc.text's train split: real English, offline; its held-out split is never trained on
-            from graftc import text
-
             where, raw = "pydoc_data topics (train split; data.text: a file or folder replaces it)", text.text("train")
-        ids = self.tokenizer()(raw, add_special_tokens=False, verbose=False)["input_ids"]
         L = self.data.seq_len
+        if self.data.text_unit == "sentence":
+            self.samples = self._sentence_samples(raw, where)
+            self._split()
+            lengths = self.samples["attention_mask"].sum(1)
+            log(f"data: {len(lengths)} sentences from {where}, {int(lengths.min())}-{int(lengths.max())} tokens "
+                f"(median {int(lengths.median())}) with special tokens, padded to {L}")
+            return
+        ids = self.tokenizer()(raw, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) < 2 * L:
             raise GraftError(f"data.text: {where} has {len(ids)} tokens, fewer than two samples of seq_len {L}")
         blocks = torch.tensor(ids[: len(ids) // L * L]).view(-1, L)
         self.samples = {"input_ids": blocks}
         self._split()
         log(f"data: {len(blocks)} samples of {L} tokens from {where}")
+
+    def _sentence_samples(self, raw: str, where: str) -> dict[str, torch.Tensor]:
+        found = text.sentences_in([raw])
+        if len(found) < 2:
+            raise GraftError(f"data.text: {where} has {len(found)} prose sentence(s) (6-40 words, capitalized, ending "
+                             f"in a full stop); text_unit: sentence needs at least 2, or use text_unit: window")
+        tokenizer = self.tokenizer()
+        if tokenizer.pad_token_id is None:
+            raise GraftError(f"data.text_unit: sentence pads samples to seq_len, and {self.loaded.spec}'s tokenizer "
+                             f"has no padding token; use text_unit: window")
+        coded = tokenizer(found, truncation=True, max_length=self.data.seq_len, padding="max_length",
+                          return_tensors="pt", verbose=False)
+        return {"input_ids": coded["input_ids"], "attention_mask": coded["attention_mask"]}
 
     def tokenizer(self):
         """The spec's own tokenizer (demo:smollm2, demo:minilm, .gguf folders), else the model folder's."""
@@ -545,9 +576,13 @@ class TextTask(Task):
         return tokenizer
 
     def make(self, index, g):
-        ids = self.samples["input_ids"][index]
+        rows = {k: v[index] for k, v in self.samples.items()}  # input_ids, and attention_mask for sentences
         static = {k: v for k, v in self.loaded.kwargs.items() if not isinstance(v, torch.Tensor)}
-        return Batch((), {**static, "input_ids": ids}, {"input_ids": ids})
+        return Batch((), {**static, **rows}, rows)
+
+    def token_mask(self, batch):
+        mask = batch.target.get("attention_mask")
+        return None if mask is None else mask.bool()
 
     def output(self, out):
         logits = getattr(out, "logits", None)
@@ -564,7 +599,9 @@ class TextTask(Task):
         if not self.causal:
             return super().own_loss(output, batch)
         ids = batch.target["input_ids"]
-        return F.cross_entropy(output[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        mask = self.token_mask(batch)
+        labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # padding predicts nothing
+        return F.cross_entropy(output[:, :-1].flatten(0, 1).float(), labels.flatten())
 
 
 # ------------------------------------------------------------------------ anything else

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftc.distill.data import Batch, Task, first_tensor
+from graftc.distill.data import Batch, Task, first_tensor, real_tokens
 from graftc.distill.parallel import World
 
 LOSSES = {
@@ -124,6 +124,7 @@ class Stage1:
             for i, (_, out_fqn) in enumerate(node.pairs):
                 by_output.setdefault(out_fqn, []).append((node, i))
         wanted_inputs = {node.pairs[i][0] for users in by_output.values() for node, i in users}
+        mask = self.task.token_mask(batch)
 
         def save_input(fqn):
             def hook(module, args, kwargs):
@@ -136,8 +137,8 @@ class Stage1:
                 for node, i in users:
                     a, kw = inputs[node.pairs[i][0]]
                     with torch.enable_grad() if train else torch.no_grad():
-                        pred = first_tensor(node.modules[i](*a, **kw)).float()
-                        loss = LOSSES[node.loss](pred, target, self.cfg.huber_delta) / len(node.pairs)
+                        pred, target_ = real_tokens(mask, first_tensor(node.modules[i](*a, **kw)).float(), target)
+                        loss = LOSSES[node.loss](pred, target_, self.cfg.huber_delta) / len(node.pairs)
                         if train and torch.isfinite(loss):
                             loss.backward()
                     node.pending += float(loss)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from graftc.distill.data import Task, generator
+from graftc.distill.data import Task, generator, real_tokens
 from graftc.distill.parallel import World
 from graftc.errors import GraftError
 
@@ -120,7 +120,7 @@ class Stage2:
                 if name == "distill":
                     with torch.no_grad():
                         target = self.task.output(self.teacher(*batch.args, **batch.kwargs))
-                    part = self.task.distill_loss(out, target, weights)
+                    part = self.task.distill_loss(*real_tokens(self.task.token_mask(batch), out, target), weights)
                 else:
                     part = self.task.own_loss(out, batch, weights)
                 total = total + weight * part
