@@ -1,0 +1,141 @@
+"""graftc's own modules import each other without cycles, and almost only at module top level.
+
+The graph is read from the source with `ast` (every import statement, also those inside functions), so an import
+cycle that a function-level import hides at run time still shows. `python tests/test_import_graph.py` prints the
+cycles and the function-level imports.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import networkx as nx
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP = "graftc"
+# `import graftc` stays light by loading torch-heavy modules on first attribute use (graftc/__init__.py): those
+# few function-level imports are by design; the rest of the code imports at module top level.
+MAX_FUNCTION_LEVEL = 10
+
+
+def package_dirs() -> dict[str, Path]:
+    """Package name -> folder, as pyproject's package-dir maps them (graftc.passes lives in passes/)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {name: ROOT / folder for name, folder in config.get("package-dir", {}).items()}
+    return {name: dirs.get(name, ROOT / name.replace(".", "/")) for name in config["packages"]}
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name -> source file, for every module of the graftc package."""
+    found = {}
+    for package, folder in package_dirs().items():
+        for path in sorted(folder.glob("*.py")):
+            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return found
+
+
+def _imported(node: ast.AST, module: str, is_package: bool, known: set[str]) -> list[str]:
+    """The graftc modules an import statement loads (a name imported from a package counts as its submodule
+    when there is one, else as the package)."""
+    if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+        return [t for t in targets if t in known]
+    if node.level:  # relative: from the module's own package, one level up per extra dot
+        parts = module.split(".") if is_package else module.split(".")[:-1]
+        parts = parts[:len(parts) - (node.level - 1)]
+        base = ".".join(parts + ([node.module] if node.module else []))
+    else:
+        base = node.module or ""
+    if base != TOP and not base.startswith(TOP + "."):
+        return []
+    out = []
+    for alias in node.names:
+        sub = f"{base}.{alias.name}"
+        out.append(sub if sub in known else base)
+    return [t for t in out if t in known]
+
+
+def _walk(tree: ast.AST, in_function: bool = False):
+    """(import node, whether it sits inside a function body) for every import statement."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child, in_function
+        inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        yield from _walk(child, inside)
+
+
+def import_graph() -> tuple[nx.DiGraph, list[tuple[str, int, str]]]:
+    """The module import graph, and (file, line, imported modules) for every function-level import statement
+    of graftc modules."""
+    found = modules()
+    known = set(found)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(known)
+    function_level = []
+    for module, path in found.items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node, in_function in _walk(tree):
+            targets = list(dict.fromkeys(_imported(node, module, path.stem == "__init__", known)))
+            for target in targets:
+                if target != module:
+                    graph.add_edge(module, target, line=node.lineno)
+            if in_function and targets:  # one per statement
+                function_level.append((str(path.relative_to(ROOT)), node.lineno, ", ".join(targets)))
+    return graph, function_level
+
+
+def cycles(graph: nx.DiGraph) -> list[list[str]]:
+    """The groups of modules that import each other (directly or around a loop), each sorted."""
+    return sorted(sorted(group) for group in nx.strongly_connected_components(graph) if len(group) > 1)
+
+
+def test_graph_is_read_from_the_package_folders():
+    """The graph covers passes/ and kernels/ under their package names, and sees known edges (including a
+    relative import), so that an empty or misread graph cannot pass the checks below."""
+    graph, _ = import_graph()
+    assert {"graftc.cli", "graftc.passes", "graftc.passes.common", "graftc.kernels"} <= set(graph)
+    assert graph.has_edge("graftc.cli", "graftc.errors")
+    assert any(target.startswith("graftc.kernels") for target in graph.successors("graftc.passes.hyena"))
+    tree = ast.parse("from . import common\nfrom .. import rules\nfrom .common import x\n")
+    known = {"graftc.passes.common", "graftc.rules", "graftc.passes"}
+    found = [t for node in tree.body for t in _imported(node, "graftc.passes.hyena", False, known)]
+    assert found == ["graftc.passes.common", "graftc.rules", "graftc.passes.common"]
+
+
+def test_a_cycle_and_a_function_level_import_are_found():
+    """The detector itself: a hidden (function-level) import back makes a cycle and is counted."""
+    tree = ast.parse("import os\ndef f():\n    from graftc import a\n    return a\n")
+    assert [(type(n).__name__, inside) for n, inside in _walk(tree)] == [("Import", False), ("ImportFrom", True)]
+    graph = nx.DiGraph([("graftc.a", "graftc.b"), ("graftc.b", "graftc.a"), ("graftc.b", "graftc.c")])
+    assert cycles(graph) == [["graftc.a", "graftc.b"]]
+
+
+def test_no_import_cycles():
+    graph, _ = import_graph()
+    found = cycles(graph)
+    assert not found, "import cycles among graftc modules: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_few_function_level_imports():
+    _, function_level = import_graph()
+    listing = "\n".join(f"{path}:{line}: {target}" for path, line, target in function_level)
+    assert len(function_level) <= MAX_FUNCTION_LEVEL, \
+        f"{len(function_level)} function-level imports of graftc modules (at most {MAX_FUNCTION_LEVEL}):\n{listing}"
+
+
+if __name__ == "__main__":
+    graph, function_level = import_graph()
+    for group in cycles(graph):
+        print("cycle:", " <-> ".join(group))
+        for a, b in graph.subgraph(group).edges:
+            print(f"    {a} -> {b} (line {graph.edges[a, b]['line']})")
+    print(f"{len(function_level)} function-level imports of graftc modules:")
+    for path, line, target in function_level:
+        print(f"    {path}:{line}: {target}")
+    sys.exit(1 if cycles(graph) or len(function_level) > MAX_FUNCTION_LEVEL else 0)
