@@ -7,14 +7,9 @@ import operator
 import pytest
 import torch
 
-from graftc.kernels.linear_attention import (
-    HedgehogFeatureMap,
-    elu_plus_one,
-    linear_attention,
-    linear_attention_chunked,
-    linear_attention_reference,
-    relu,
-)
+from graftc.kernels.linear_attention import HedgehogFeatureMap, elu_plus_one, linear_attention, relu
+from graftc.kernels.linear_attention.chunked import linear_attention_chunked
+from graftc.kernels.linear_attention.naive import linear_attention_reference
 
 NAMES = ("phi_q", "phi_k", "v")
 
