@@ -7,8 +7,11 @@ import operator
 import pytest
 import torch
 
-import graftc.kernels.ssd as ssd_module
-from graftc.kernels.ssd import ssd, ssd_chunked, ssd_fast, ssd_reference
+import graftc.kernels.ssd.rank_one as ssd_module
+from graftc.kernels.ssd import ssd
+from graftc.kernels.ssd.chunked import ssd_chunked
+from graftc.kernels.ssd.naive import ssd_reference
+from graftc.kernels.ssd.rank_one import ssd_fast
 
 NAMES = ("x", "dt", "A", "B", "C", "D")
 
