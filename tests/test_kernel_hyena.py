@@ -15,13 +15,16 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are jitted: on their first call
 
-from graftc.kernels import hyena as hyena_module  # noqa: E402
-from graftc.kernels.hyena import hyena_conv, hyena_conv_cpu, hyena_conv_triton, hyena_reference  # noqa: E402
+from graftc.kernels.family import HAS_TRITON, only  # noqa: E402
+from graftc.kernels.hyena import hyena_conv, hyena_conv_op, shifted  # noqa: E402
+from graftc.kernels.hyena.naive import hyena_reference  # noqa: E402
+
+hyena_conv_triton, hyena_conv_cpu = only("triton", hyena_conv), only("torch", hyena_conv)
 
 DEVICE = "cuda" if CUDA else "cpu"
 FP32_BOUND = 1e-5
 BF16_BOUND = 1e-2
-needs_triton = pytest.mark.skipif(hyena_module.triton is None, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 VARIANTS = {  # name: (featurizer, inner filter)
     "X": (True, False),
@@ -119,7 +122,7 @@ def test_cpu_path_bf16(variant):
 def test_cpu_path_compiled():
     """Compiled, on the variant with both convs and the bias (5-30 s: Inductor builds C++ code)."""
     assert_matches_reference(hyena_conv_cpu, make_inputs("SE", *PARTIAL_TILES, device="cpu"), FP32_BOUND)
-    assert not hyena_module._compiled_forward.failed and not hyena_module._compiled_backward.failed
+    assert not shifted.compiled_forward.failed and not shifted.compiled_backward.failed
 
 
 @pytest.mark.parametrize(
@@ -181,8 +184,9 @@ def test_mode_switch(monkeypatch):
 
         return impl._replace(forward=forward)
 
-    for name, impl in list(hyena_module._IMPLS.items()):
-        monkeypatch.setitem(hyena_module._IMPLS, name, spying(name, impl))
+    for name, impl in list(hyena_conv_op.paths.items()):
+        if impl is not None:
+            monkeypatch.setitem(hyena_conv_op.paths, name, spying(name, impl))
 
     monkeypatch.setenv("GRAFTC_KERNELS", "reference")
     torch.testing.assert_close(hyena_conv(*inputs), hyena_reference(*inputs), rtol=0, atol=0)
@@ -190,7 +194,7 @@ def test_mode_switch(monkeypatch):
     with torch.compiler.set_stance("force_eager"):
         hyena_conv(*inputs)
     assert used == ["reference", "triton" if CUDA else "torch"]
-    if hyena_module.triton is not None:
+    if HAS_TRITON:
         monkeypatch.setenv("GRAFTC_KERNELS", "triton")
         hyena_conv(*inputs)
         assert used[-1] == "triton"

@@ -1,187 +1,28 @@
-"""Hyena gated short convolution: y = q * conv_inner(k * v), with q, k, v from a causal featurizer conv.
+"""Hyena's Triton path: one fused forward kernel, two backward kernels. Layout: u [B, L, 3D] contiguous, channels q |
+k | v; each program owns BLOCK_L positions x BLOCK_D channels and reads the causal halo by masked shifted loads
+(they hit L1/L2, not HBM). All maths is fp32. KF / KI are the featurizer / inner-filter tap counts, 1 when that
+conv is absent (then its weight is an implicit 1, so the same code serves every variant). Flags and tap counts are
+constexpr: one compiled kernel per variant, loops fully unrolled. Batch offsets are int64; offsets inside one
+sequence are int32 (fine up to L * 3D < 2^31).
 
-One op serves every Hyena variant grafted by graftc (and the MLP variant, where u is [B, L, 6d]):
-    Hyena-X   featurizer only        q, k, v = split(conv_feat(u));  y = q * k * v
-    Hyena-Y   inner filter only      q, k, v = split(u);             y = q * conv_inner(k * v)
-    Hyena-SE  both                   q, k, v = split(conv_feat(u));  y = q * conv_inner(k * v)
-Both convs are depthwise and causal: out[t, c] = bias[c] + sum_j w[c, j] * x[t - (K-1) + j, c], x = 0 before t = 0.
-
-Three implementations of the same maths, picked per call by `kernels.dispatch`:
-    hyena_reference   naive PyTorch with F.conv1d (the definition; autograd does the backward)
-    torch path        shifted multiply-adds, torch.compile'd into one fused loop (CPU default)
-    Triton path       one fused forward kernel, two backward kernels (CUDA default)
-`hyena_conv` is the public entry: the custom op `torch.ops.graftc.hyena_conv`, so `torch.export` shows one call.
+The kernels are plain functions here and jitted on first use (_jitted), because triton reads
+TRITON_INTERPRET when a function is jitted: this way the interpreter can be switched on after import.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from graftc.kernels import dispatch
-from graftc.kernels.flops import formula
 
 try:  # triton is optional: graftc imports and runs on CPU without it
     import triton
     import triton.language as tl
 except ImportError:
     triton = tl = None
-
-__all__ = ["hyena_conv", "hyena_reference", "hyena_continue", "conv_tail", "hyena_conv_triton", "hyena_conv_cpu"]
-
-
-def _check_inputs(u: Tensor, feat_weight, feat_bias, inner_weight) -> None:
-    if u.dim() != 3 or u.shape[-1] % 3 != 0:
-        raise ValueError(f"hyena_conv: u must be [B, L, 3D], got {tuple(u.shape)}")
-    channels, width = u.shape[-1], u.shape[-1] // 3
-    if feat_weight is not None and (feat_weight.dim() != 2 or feat_weight.shape[0] != channels):
-        raise ValueError(f"hyena_conv: feat_weight must be [{channels}, K], got {tuple(feat_weight.shape)}")
-    if feat_bias is not None:
-        if feat_weight is None:
-            raise ValueError("hyena_conv: feat_bias given without feat_weight")
-        if tuple(feat_bias.shape) != (channels,):
-            raise ValueError(f"hyena_conv: feat_bias must be [{channels}], got {tuple(feat_bias.shape)}")
-    if inner_weight is not None and (inner_weight.dim() != 2 or inner_weight.shape[0] != width):
-        raise ValueError(f"hyena_conv: inner_weight must be [{width}, K], got {tuple(inner_weight.shape)}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reference: the definition, written for clarity.
-
-
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Depthwise causal conv of channel-last x [B, L, C] with weight [C, K]."""
-    channels, taps = weight.shape
-    out = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=taps - 1, groups=channels)
-    return out[..., : x.shape[1]].transpose(1, 2)  # keep the first L outputs: each sees only the past
-
-
-def hyena_reference(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=None) -> Tensor:
-    _check_inputs(u, feat_weight, feat_bias, inner_weight)
-    if feat_weight is not None:
-        u = causal_conv1d(u, feat_weight, feat_bias)
-    q, k, v = u.chunk(3, dim=-1)
-    kv = k * v
-    if inner_weight is not None:
-        kv = causal_conv1d(kv, inner_weight, None)
-    return q * kv
-
-
-def conv_tail(x: Tensor, weight: Tensor, bias: Optional[Tensor], new: int) -> Tensor:
-    """The last `new` outputs of the depthwise causal conv of x [B, L, C] (weight [C, K]), where x's first
-    L - new >= K - 1 rows are the inputs before the new ones: out[t] = bias + sum_j w[j] x[t - (K-1) + j]."""
-    taps, length = weight.shape[1], x.shape[1]
-    start = length - new - (taps - 1)
-    out = x[:, start:start + new] * weight[:, 0]
-    for j in range(1, taps):
-        out = out + x[:, start + j:start + j + new] * weight[:, j]
-    return out if bias is None else out + bias
-
-
-def hyena_continue(u: Tensor, history: Callable[[Tensor, int], Tensor], feat_weight=None, feat_bias=None,
-                   inner_weight=None, mask: Optional[Tensor] = None) -> Tensor:
-    """The same maths as hyena_reference for new tokens u [B, Q, 3D] that follow earlier ones (cached decoding)
-    or sit in a padded batch. `history(x, i)` returns x preceded by at least K-1 earlier inputs of convolution i
-    (0: featurizer, 1: inner filter; zeros before the sequence starts) and remembers x's for the next call.
-    `mask` [B, Q, 1] (1 = real token) zeroes padding's k*v before the inner filter, so padding never reaches a
-    real token (u's padding rows must already be zero). fp32 maths, output in u's dtype."""
-    _check_inputs(u, feat_weight, feat_bias, inner_weight)
-    new, a = u.shape[1], u.float()
-    if feat_weight is not None:
-        a = conv_tail(history(a, 0), feat_weight.float(), None if feat_bias is None else feat_bias.float(), new)
-    q, k, v = a.chunk(3, dim=-1)
-    h = k * v
-    if inner_weight is not None:
-        if mask is not None:
-            h = h * mask
-        h = conv_tail(history(h, 1), inner_weight.float(), None, new)
-    return (q * h).to(u.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Torch path: the convs as K shifted multiply-adds, which Inductor fuses with the gating into one loop.
-# The backward is written out (not autograd) so it compiles too, and recomputes q, k, v from u.
-
-
-def _causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """out[t] = bias + sum_j w[j] x[t - (K-1) + j]."""
-    taps, length = weight.shape[1], x.shape[1]
-    padded = F.pad(x, (0, 0, taps - 1, 0))
-    out = padded[:, :length] * weight[:, 0]
-    for j in range(1, taps):
-        out = out + padded[:, j : j + length] * weight[:, j]
-    return out if bias is None else out + bias
-
-
-def _causal_conv_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
-    """Adjoint of _causal_conv in x: dx[s] = sum_j w[j] grad[s + (K-1) - j] (looks ahead, not back)."""
-    taps, length = weight.shape[1], grad.shape[1]
-    padded = F.pad(grad, (0, 0, 0, taps - 1))
-    out = padded[:, taps - 1 : taps - 1 + length] * weight[:, 0]
-    for j in range(1, taps):
-        out = out + padded[:, taps - 1 - j : taps - 1 - j + length] * weight[:, j]
-    return out
-
-
-def _causal_conv_weight_grad(grad: Tensor, x: Tensor, taps: int) -> Tensor:
-    """dw[c, j] = sum_{b, t} grad[b, t, c] x[b, t - (K-1) + j, c]."""
-    length = x.shape[1]
-    padded = F.pad(x, (0, 0, taps - 1, 0))
-    return torch.stack([(grad * padded[:, j : j + length]).sum((0, 1)) for j in range(taps)], dim=-1)
-
-
-def _torch_forward(u: Tensor, feat_weight, feat_bias, inner_weight) -> Tensor:
-    a = u.float()  # fp32 maths whatever the storage dtype; Inductor fuses the casts
-    if feat_weight is not None:
-        a = _causal_conv(a, feat_weight.float(), None if feat_bias is None else feat_bias.float())
-    q, k, v = a.chunk(3, dim=-1)
-    h = k * v
-    if inner_weight is not None:
-        h = _causal_conv(h, inner_weight.float())
-    return (q * h).to(u.dtype)
-
-
-def _torch_backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weight):
-    g, a = grad.float(), u.float()
-    if feat_weight is not None:
-        a = _causal_conv(a, feat_weight.float(), None if feat_bias is None else feat_bias.float())
-    q, k, v = a.chunk(3, dim=-1)
-    kv = k * v
-    d_inner = None
-    if inner_weight is not None:
-        dh = g * q
-        dq = g * _causal_conv(kv, inner_weight.float())
-        dkv = _causal_conv_input_grad(dh, inner_weight.float())
-        d_inner = _causal_conv_weight_grad(dh, kv, inner_weight.shape[1]).to(inner_weight.dtype)
-    else:
-        dq, dkv = g * kv, g * q
-    da = torch.cat([dq, dkv * v, dkv * k], dim=-1)
-    d_feat = d_bias = None
-    if feat_weight is not None:
-        d_feat = _causal_conv_weight_grad(da, u.float(), feat_weight.shape[1]).to(feat_weight.dtype)
-        if feat_bias is not None:
-            d_bias = da.sum((0, 1)).to(feat_bias.dtype)
-        da = _causal_conv_input_grad(da, feat_weight.float())
-    return da.to(u.dtype), d_feat, d_bias, d_inner
-
-
-_compiled_forward = dispatch.LazyCompiled(_torch_forward, "hyena_conv")
-_compiled_backward = dispatch.LazyCompiled(_torch_backward, "hyena_conv")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Triton path. Layout: u [B, L, 3D] contiguous, channels q | k | v; each program owns BLOCK_L positions x
-# BLOCK_D channels and reads the causal halo by masked shifted loads (they hit L1/L2, not HBM). All maths is
-# fp32. KF / KI are the featurizer / inner-filter tap counts, 1 when that conv is absent (then its weight is
-# an implicit 1, so the same code serves every variant). Flags and tap counts are constexpr: one compiled
-# kernel per variant, loops fully unrolled. Batch offsets are int64; offsets inside one sequence are int32
-# (fine up to L * 3D < 2^31).
-#
-# The kernels are plain functions here and jitted on first use (_jitted), because triton reads
-# TRITON_INTERPRET when a function is jitted: this way the interpreter can be switched on after import.
 
 
 def _forward_kernel(
@@ -439,7 +280,7 @@ def _pointers(u: Tensor, *weights):
     return [u if w is None else w for w in weights]
 
 
-def _triton_forward(u: Tensor, feat_weight, feat_bias, inner_weight) -> Tensor:
+def forward(u: Tensor, feat_weight, feat_bias, inner_weight) -> Tensor:
     kernels = _kernels_for(u)
     u, feat_weight, feat_bias, inner_weight = _contiguous(u, feat_weight, feat_bias, inner_weight)
     batch, length, width = u.shape[0], u.shape[1], u.shape[2] // 3
@@ -457,7 +298,7 @@ def _triton_forward(u: Tensor, feat_weight, feat_bias, inner_weight) -> Tensor:
     return y
 
 
-def _triton_backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weight):
+def backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weight):
     kernels = _kernels_for(u)
     grad, u, feat_weight, feat_bias, inner_weight = _contiguous(grad, u, feat_weight, feat_bias, inner_weight)
     batch, length, channels = u.shape
@@ -493,119 +334,3 @@ def _triton_backward(grad: Tensor, u: Tensor, feat_weight, feat_bias, inner_weig
     d_feat = d_feat.sum(0).t().to(feat_weight.dtype)
     d_bias = None if feat_bias is None else d_bias.sum(0).to(feat_bias.dtype)
     return du, d_feat, d_bias, d_inner
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Dispatch and the custom op.
-
-
-class _Impl(NamedTuple):
-    forward: Callable
-    backward: Callable
-
-
-_IMPLS = {
-    "reference": _Impl(hyena_reference, _torch_backward),  # the written-out backward, eager
-    "torch": _Impl(_compiled_forward, _compiled_backward),
-    "triton": _Impl(_triton_forward, _triton_backward),
-}
-
-
-def _impl_for(u: Tensor) -> _Impl:
-    if dispatch.use_reference():
-        return _IMPLS["reference"]
-    if dispatch.use_triton(u) and (triton is not None or dispatch.mode() == "triton"):
-        return _IMPLS["triton"]  # forced without triton installed: _kernels_for says so
-    return _IMPLS["torch"]
-
-
-@torch.library.custom_op("graftc::hyena_conv", mutates_args=())
-def _hyena_conv_op(
-    u: Tensor, feat_weight: Optional[Tensor], feat_bias: Optional[Tensor], inner_weight: Optional[Tensor]
-) -> Tensor:
-    _check_inputs(u, feat_weight, feat_bias, inner_weight)
-    return _impl_for(u).forward(u, feat_weight, feat_bias, inner_weight)
-
-
-@_hyena_conv_op.register_fake
-def _(u, feat_weight, feat_bias, inner_weight):
-    _check_inputs(u, feat_weight, feat_bias, inner_weight)
-    return u.new_empty(u.shape[0], u.shape[1], u.shape[2] // 3)
-
-
-@torch.library.custom_op("graftc::hyena_conv_backward", mutates_args=())
-def _hyena_conv_backward_op(
-    grad: Tensor, u: Tensor, feat_weight: Optional[Tensor], feat_bias: Optional[Tensor],
-    inner_weight: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _impl_for(u).backward(grad, u, feat_weight, feat_bias, inner_weight)
-    # A custom op cannot return None: an absent weight gets an empty placeholder grad, dropped again below.
-    return tuple(u.new_empty(0) if g is None else g for g in grads)
-
-
-@_hyena_conv_backward_op.register_fake
-def _(grad, u, feat_weight, feat_bias, inner_weight):
-    inputs = (u, feat_weight, feat_bias, inner_weight)
-    return tuple(u.new_empty(0) if w is None else torch.empty_like(w) for w in inputs)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # only the inputs: the backward recomputes q, k, v
-
-
-def _backward(ctx, grad):
-    u, feat_weight, feat_bias, inner_weight = ctx.saved_tensors
-    grads = torch.ops.graftc.hyena_conv_backward(grad, u, feat_weight, feat_bias, inner_weight)
-    return tuple(None if w is None else g for w, g in zip((u, feat_weight, feat_bias, inner_weight), grads))
-
-
-_hyena_conv_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@formula(torch.ops.graftc.hyena_conv)
-def _hyena_flops(u, feat_weight, feat_bias, inner_weight, **kwargs) -> int:
-    """Multiply-adds of the featurizer over 3D channels and the inner filter over D, plus the two gating products."""
-    batch, length, channels = u
-    width = channels // 3
-    per_position = 2 * width
-    if feat_weight is not None:
-        per_position += 2 * channels * feat_weight[-1]
-    if inner_weight is not None:
-        per_position += 2 * width * inner_weight[-1]
-    return batch * length * per_position
-
-
-@formula(torch.ops.graftc.hyena_conv_backward)
-def _hyena_backward_flops(grad, u, feat_weight, feat_bias, inner_weight, **kwargs) -> int:
-    return 2 * _hyena_flops(u, feat_weight, feat_bias, inner_weight)  # recompute forward, then its adjoint
-
-
-def hyena_conv(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=None) -> Tensor:
-    """Gated short conv of the in-projection u [B, L, 3D] -> y [B, L, D] (see the module docstring).
-    feat_weight [3D, K], feat_bias [3D]: featurizer conv over all channels; inner_weight [D, K]: inner filter."""
-    return torch.ops.graftc.hyena_conv(u, feat_weight, feat_bias, inner_weight)
-
-
-class _Direct(torch.autograd.Function):
-    """One implementation, forward and backward, bypassing the dispatch: for benchmarks and tests."""
-
-    @staticmethod
-    def forward(ctx, impl: _Impl, u, feat_weight, feat_bias, inner_weight):
-        _check_inputs(u, feat_weight, feat_bias, inner_weight)
-        ctx.impl = impl
-        ctx.save_for_backward(u, feat_weight, feat_bias, inner_weight)
-        return impl.forward(u, feat_weight, feat_bias, inner_weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (None, *ctx.impl.backward(grad.contiguous(), *ctx.saved_tensors))
-
-
-def hyena_conv_triton(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=None) -> Tensor:
-    """The Triton kernels, whatever GRAFTC_KERNELS says (CPU tensors need TRITON_INTERPRET=1)."""
-    return _Direct.apply(_IMPLS["triton"], u, feat_weight, feat_bias, inner_weight)
-
-
-def hyena_conv_cpu(u: Tensor, feat_weight=None, feat_bias=None, inner_weight=None) -> Tensor:
-    """The compiled shifted multiply-add path (the CPU default), whatever GRAFTC_KERNELS says."""
-    return _Direct.apply(_IMPLS["torch"], u, feat_weight, feat_bias, inner_weight)
