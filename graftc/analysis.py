@@ -18,13 +18,20 @@ max|x| / std, excess kurtosis, share of |x - mean| > 6 std, and a recommended st
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
+import matplotlib
 import torch
 
+from graftc.distill.data import first_tensor
 from graftc.errors import GraftError
+from graftc.match import inspect_regions
+from graftc.passes.common import teacher_attention
+from graftc.rules import submodule
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 DEFAULT_WINDOWS = (3, 5, 7, 9)
@@ -92,9 +99,6 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, ks: Iterable[int], grid: t
 def _projection(region, model):
     """(q-input module, k-input module, Wq, bq, Wk, bk): the teacher's q and k projections with GQA heads
     repeated (passes.common.teacher_attention splits fused qkv Linears and repeats kv heads)."""
-    from graftc.passes.common import teacher_attention
-    from graftc.rules import submodule
-
     roles = region.roles
     if "qkv" in roles:
         q_mod = k_mod = submodule(model, roles["qkv"])
@@ -182,8 +186,6 @@ class _Moments:
     beyond: int = 0
 
     def feed(self, output) -> None:
-        from graftc.distill.data import first_tensor
-
         try:
             x = first_tensor(output).detach().double().flatten()
         except GraftError:
@@ -256,7 +258,7 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
 
     `task_or_batches`: a graftc.distill.data Task (prepared; batches `task.batch("analyze", i, batch_size)` for
     i < n_batches), or an iterable of Batch / (args, kwargs) / kwargs dicts / tensors. `regions`: from
-    graftc.compiler.inspect_regions (found from `example`, else the first batch, when None)."""
+    graftc.match.inspect_regions (found from `example`, else the first batch, when None)."""
     ks, windows = sorted(set(int(k) for k in ks)), sorted(set(int(w) for w in windows))
     if not ks or any(k < 0 for k in ks):
         raise GraftError("analyze: ks must be non-negative integers")
@@ -268,8 +270,6 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if regions is None:
-        from graftc.compiler import inspect_regions
-
         first = example if example is not None else (batches[0][1] or batches[0][0])
         regions = inspect_regions(model, _to(first, device))
     layers, moments, skipped, handles = [], [], [], []
@@ -291,8 +291,6 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
                 if not region.cover:
                     skipped.append({"fqn": region.fqn, "kind": region.kind, "reason": "computed inline (no module to hook)"})
                     continue
-                from graftc.rules import submodule
-
                 stats = _Moments(region)
                 moments.append(stats)
                 handles.append(submodule(model, region.cover[-1]).register_forward_hook(
@@ -346,57 +344,6 @@ def layer_order(analysis: dict, k: int) -> list[int]:
     return [a["index"] for a in sorted(layers, key=lambda a: (-a["band_mass"][key], a["index"]))]
 
 
-def locality_ranking(model: torch.nn.Module, source, regions, n_batches: int = 2, batch_size: int = 8) -> dict:
-    """What the local-first / nonlocal-first strategies select by: attention indices, most local first, at
-    default_k, measured on `source` (a Task or batches, see analyze) before any rewrite."""
-    result = analyze(model, source, DEFAULT_KS, regions=regions, n_batches=n_batches, batch_size=batch_size)
-    k = default_k(result)
-    return {"k": k, "order": layer_order(result, k),
-            "band_mass": {a["index"]: a["band_mass"][str(k)] for a in result["attention"]}}
-
-
-def cached_json(cache: str | None, kind: str, key: list, make, log=None) -> dict:
-    """`make()`'s result, cached as <cache root>/analysis/<kind>-<hash of key>.json (written atomically) and
-    read back from there on later calls with the same key."""
-    import hashlib
-    import json
-    import os
-
-    from graftc.distill.data import cache_root
-
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    path = cache_root(cache) / "analysis" / f"{kind}-{digest}.json"
-    if path.is_file():
-        if log:
-            log(f"{kind}: using the cached measurement {path}")
-        return json.loads(path.read_text())
-    result = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
-    return json.loads(path.read_text())
-
-
-def cached_locality(loaded, data, seed: int):
-    """A `locality` provider for graftc.compile: the ranking on the model's own data (as `graftc analyze`
-    measures it), cached as JSON under the data cache, keyed by the weights and the data settings."""
-    from graftc.distill.data import make_task
-    from graftc.spec import weights_hash
-
-    def measure(model, regions) -> dict:
-        task = make_task(loaded, data.model_copy(update={"fd_samples": 0}), seed)
-        task.prepare(model, lambda *_: None)
-        return locality_ranking(model, task, regions, n_batches=4, batch_size=8)
-
-    def rank(model, regions) -> dict:
-        settings = data.model_dump(mode="json", exclude={"fd_samples", "cache"})
-        return cached_json(data.cache, "locality", [weights_hash(model), settings, seed],
-                           lambda: measure(model, regions))
-
-    return rank
-
-
 def default_k(analysis: dict) -> int:
     """The largest measured k <= N / 8 (else the smallest k): where band masses differ most usefully."""
     ks = analysis["ks"]
@@ -406,15 +353,10 @@ def default_k(analysis: dict) -> int:
 
 
 # ------------------------------------------------------------------ files
-def write_outputs(analysis: dict, folder) -> list[str]:
+def write_analysis(analysis: dict, folder) -> list[str]:
     """analysis.json, locality_heatmap.png, locality_bars.png, activations.png, report.md into `folder`."""
-    import json
-    from pathlib import Path
-
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend: no display needed
 
     folder = Path(folder)
     (folder / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
@@ -463,12 +405,13 @@ def write_outputs(analysis: dict, folder) -> list[str]:
         fig.savefig(folder / "activations.png", dpi=100)
         plt.close(fig)
         written.append("activations.png")
-    (folder / "report.md").write_text(report_markdown(analysis))
+    (folder / "report.md").write_text(analysis_report(analysis))
     written.append("report.md")
     return written
 
 
-def report_markdown(analysis: dict) -> str:
+def analysis_report(analysis: dict) -> str:
+    """report.md of `graftc analyze`: locality per layer and activation statistics, in words and tables."""
     att, acts, ks = analysis["attention"], analysis["activations"], analysis["ks"]
     lines = [f"# Attention locality and activation statistics{' of ' + analysis['model'] if analysis.get('model') else ''}",
              "", f"Measured on {analysis['samples']} samples in {analysis['batches']} batch(es) of the model's own "

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from graftc import __version__
+from graftc.compiler import replay
 from graftc.errors import GraftError, read_json
 from graftc.files import file_sha256, write_failed
 from graftc.plan import dump_plan
+from graftc.spec import load_model as load_spec
+from graftc.version import __version__
 
 FILES = ("model.safetensors", "plan.yaml", "manifest.json", "report.md")
 FORMAT = 2  # 2: the manifest records model_sha256 and its own manifest_sha256; 1: neither (read, not verified)
@@ -193,9 +195,6 @@ def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bo
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
-
-    from graftc.compiler import replay
-    from graftc.spec import load_model as load_spec
 
     out = Path(out)
     manifest = read_manifest(out)

@@ -2,18 +2,32 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import errno
 import json
+import shlex
+import shutil
 import sys
 import time
+from pathlib import Path
 
+import torch
+
+from graftc import analysis, artifact, evaluate, rankings, samples, sweep
+from graftc.compiler import emit_code, graft
+from graftc.distill import check_resume
+from graftc.distill import run as run_distill
+from graftc.distill.data import make_task
+from graftc.distill.speed import compare
 from graftc.errors import GraftError
+from graftc.interrupt import Interrupted, interruptible
+from graftc.match import inspect_regions
+from graftc.plan import RANKED_STRATEGIES, dump_plan, json_schema, load_plan, parse_plan, ranked_layers
+from graftc.report import artifact_report, human, regions_table
+from graftc.spec import load_model, weights_hash
 
 
 def _inspect(args) -> int:
-    from graftc.compiler import inspect_regions
-    from graftc.report import regions_table
-    from graftc.spec import load_model
-
     loaded = load_model(args.model, seed=args.seed)
     regions = inspect_regions(loaded.model, loaded.example)
     if args.json:
@@ -31,11 +45,6 @@ def note(line: str) -> None:
 
 
 def _compile(args) -> int:
-    from pathlib import Path
-
-    from graftc import artifact
-    from graftc.plan import load_plan
-
     plan = load_plan(args.plan)  # validated before any model is loaded
     out = Path(args.output)
     with artifact.out_lock(out):  # a second compile into the same OUT meanwhile exits 2 at once
@@ -43,34 +52,18 @@ def _compile(args) -> int:
 
 
 def _compile_locked(args, plan, out) -> int:
-    import copy
-    import shutil
-
-    from graftc import artifact
-    from graftc.compiler import compile as graft, emit_code
-    from graftc.report import human, report_markdown
-    from graftc.spec import load_model, weights_hash
-
     artifact.check_out_dir(out, args.force or args.resume)
     workdir = run_dir(out)
     start = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
     base_hash = weights_hash(loaded.model)
     if args.resume and plan.distill is not None:  # a checkpoint of another plan or model: refused before any work
-        from graftc.distill import check_resume
-
         check_resume(workdir, plan, args.seed, args.model, base_hash)
     note(f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - start:.1f}s")
-    from graftc import samples, sensitivity
-
     # the rewrite is in place: the teacher is kept for distillation, and for samples.png / continuations
     teacher = copy.deepcopy(loaded.model) if plan.distill is not None or samples.applies(loaded) else None
-    from graftc.analysis import cached_locality
-
-    result = graft(loaded.model, plan, loaded.example, progress=lambda name: note(f"  pass {name}"),
-                   locality=cached_locality(loaded, plan.data, args.seed),
-                   sensitivity=sensitivity.provider(loaded, plan.data, args.seed, log=note,
-                                                    steps=sensitivity.steps_for(plan)))
+    result = graft(loaded.model, plan, loaded.example, rankings.for_model(loaded, plan, args.seed, log=note),
+                   progress=lambda name: note(f"  pass {name}"))
     if args.emit_code:
         print(emit_code(result.model, loaded.example, list(dict.fromkeys(r["fqn"] for r in result.rewrites))) + "\n")
     first, last = result.reports[0], result.reports[-1]
@@ -79,9 +72,6 @@ def _compile_locked(args, plan, out) -> int:
     distill = quality = files = None
     preview = samples.preview(loaded, plan.data, args.seed, log=print)  # None for models with neither
     if plan.distill is not None:
-        from graftc.distill import run as run_distill
-        from graftc.distill.speed import compare
-
         outcome = run_distill(teacher, result.model, result.rewrites, plan, loaded, workdir, args.resume, args.seed,
                               log=lambda line: print(line, flush=True), base_hash=base_hash, preview=preview)
         if not outcome.main:  # under torchrun only rank 0 writes the artifact
@@ -93,7 +83,7 @@ def _compile_locked(args, plan, out) -> int:
         preview.add("teacher", teacher)
         preview.add("graft", result.model)
         files = preview.files(workdir)
-    report = report_markdown(args.model, result, distill, quality, preview.markdown() if preview else None)
+    report = artifact_report(args.model, result, distill, quality, preview.markdown() if preview else None)
     artifact.save(out, result, args.model, base_hash, report,
                   force=True, distill=distill, quality=quality, files=files)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -101,16 +91,13 @@ def _compile_locked(args, plan, out) -> int:
     return 0
 
 
-def run_dir(out) -> "Path":
+def run_dir(out: Path) -> Path:
     """Where `graftc compile` keeps the checkpoints of an unfinished distillation into `out`."""
     return out.parent / f".{out.name}.graftc-run"
 
 
 def _resume_hint(args) -> str:
     """After an interrupted compile with a checkpoint to continue from: the command that continues it."""
-    import shlex
-    from pathlib import Path
-
     if args.command != "compile" or not (run_dir(Path(args.output)) / "state.json").is_file():
         return ""
     command = ["graftc", "compile", args.model, args.plan, "-o", args.output, "--resume"]
@@ -127,12 +114,6 @@ def _print_quality(quality: dict, speed: dict) -> None:
 
 
 def _sweep(args) -> int:
-    import shutil
-    from pathlib import Path
-
-    from graftc import artifact, sweep
-    from graftc.plan import parse_plan
-
     ops = sweep.parse_list(args.ops, "--ops")
     ratios = sweep.parse_list(args.ratios, "--ratios", float)
     strategies = sweep.parse_list(args.strategies, "--strategies")
@@ -149,7 +130,7 @@ def _sweep(args) -> int:
                        log=lambda line: print(line, flush=True))
     tmp = artifact.staging_dir(out)
     try:
-        front = sweep.write_outputs(rows, tmp)
+        front = sweep.write_sweep(rows, tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -162,8 +143,6 @@ def _sweep(args) -> int:
 
 
 def _verify(args) -> int:
-    from graftc import artifact
-
     info = artifact.verify_artifact(args.artifact)
     print(f"{args.artifact}: ok (format {info['format']}; model.safetensors {info['bytes']} bytes, "
           f"sha256 {info['sha256']} as recorded)")
@@ -171,22 +150,11 @@ def _verify(args) -> int:
 
 
 def _plan_schema(args) -> int:
-    from graftc.plan import json_schema
-
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def _analyze(args) -> int:
-    import shutil
-    from pathlib import Path
-
-    from graftc import analysis, artifact
-    from graftc.compiler import inspect_regions
-    from graftc.distill.data import make_task
-    from graftc.plan import parse_plan
-    from graftc.spec import load_model
-
     ks = analysis.parse_ks(args.ks)  # validated before any model is loaded
     windows = analysis.parse_ks(args.windows, "--windows")
     if any(w < 1 or w % 2 == 0 for w in windows):
@@ -217,7 +185,7 @@ def _analyze(args) -> int:
     result = {"model": args.model, "family": loaded.family, "seed": args.seed, "batch_size": args.batch_size, **result}
     tmp = artifact.staging_dir(out)
     try:
-        analysis.write_outputs(result, tmp)
+        analysis.write_analysis(result, tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -241,25 +209,15 @@ def _analyze(args) -> int:
 def emitted_plan(op: str, ratio: float, strategy: str, order: list[int] | None) -> str:
     """A plan replacing `ratio` of the attention layers by `op`. Locality strategies are resolved into explicit
     layer indices (so the plan stands on its own); the others stay as ratio + strategy. Validated here."""
-    from graftc.plan import LOCALITY_STRATEGIES, dump_plan, parse_plan
-
     select = {"kind": "attention", "ratio": ratio, "strategy": strategy}
-    if strategy in LOCALITY_STRATEGIES and order is not None:
-        k = max(1, round(ratio * len(order)))
-        ranked = order if strategy == "local-first" else order[::-1]
-        select = {"kind": "attention", "layers": sorted(ranked[:k])}
+    if RANKED_STRATEGIES.get(strategy, ("",))[0] == "locality" and order is not None:
+        select = {"kind": "attention", "layers": ranked_layers(strategy, order, max(1, round(ratio * len(order))))}
     plan = parse_plan({"version": 1, "graft": [{"select": select, "replace": {"op": op}}]}, "--emit-plan")
     header = f"# emitted by graftc analyze: {op} in {ratio:g} of the attention layers, {strategy}\n"
     return header + dump_plan(plan)
 
 
 def _eval(args) -> int:
-    import copy
-    from pathlib import Path
-
-    from graftc import artifact, evaluate
-    from graftc.spec import load_model
-
     # weights and reference are read and checked here, before any model is loaded
     extractor = evaluate.parse_features(args.features, reference=args.reference, cache=args.cache, log=note)
     if args.samples < 4:
@@ -273,8 +231,6 @@ def _eval(args) -> int:
             raise GraftError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
     if args.output:
         artifact.check_parent(Path(args.output))
-    from graftc import samples
-
     columns = samples.parse_columns(args.grid) if args.grid is not None else None
     if columns:
         artifact.check_parent(Path(args.grid_out))
@@ -315,13 +271,6 @@ def _eval(args) -> int:
 def _chat(args) -> int:
     """Greedy answer of a causal LM (a MODEL spec or an artifact) to one prompt, with the tokenizer's chat
     template, streamed to stdout as it is decoded."""
-    from pathlib import Path
-
-    import torch
-
-    from graftc import artifact, evaluate
-    from graftc.spec import load_model
-
     if not args.prompt.strip():
         raise GraftError("PROMPT: empty; give the text to answer")
     if args.max_new_tokens < 1:
@@ -355,8 +304,6 @@ def _chat(args) -> int:
 
 
 def torch_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -457,10 +404,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import errno
-
-    from graftc.interrupt import Interrupted, interruptible
-
     args = parser().parse_args(argv)
     try:
         with interruptible():  # SIGTERM too unwinds (temporary files are removed) instead of killing the process

@@ -1,4 +1,7 @@
-"""`graftc.compile(model, plan, example_inputs)`: the one verb. Trace -> match -> rewrite, as passes."""
+"""The one verb behind `graftc.compile(model, plan, example_inputs)`: trace -> match -> rewrite, as passes.
+
+Ranked strategies (local-first, least-sensitive-first, ...) read rankings handed in as data (graftc.rankings); the
+compiler measures nothing itself."""
 from __future__ import annotations
 
 import warnings
@@ -11,11 +14,12 @@ from torch import fx
 
 from graftc.errors import GraftError
 from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
-from graftc.match import Region, find_regions
-from graftc.plan import LOCALITY_STRATEGIES, SENSITIVITY_STRATEGY, parse_plan, select_regions
+from graftc.match import find_regions
+from graftc.plan import RANKED_STRATEGIES, load_plan, parse_plan, select_regions
+from graftc.region import Region
 from graftc.rules import rules_by_op, set_submodule
 from graftc.site import probe, record_layers
-from graftc.trace import trace
+from graftc.trace import split_inputs, trace
 
 
 @dataclass
@@ -27,13 +31,6 @@ class GraftResult:
     plan: Any = None
 
 
-def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Example inputs are a tuple of positional args or a dict of keyword args."""
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    return tuple(example_inputs), {}
-
-
 def _trace_pass(state: GraftState) -> PassResult:
     state.traced = trace(state.model, state.args, state.kwargs)
     return PassResult(False, {"nodes": len(state.traced.graph.nodes)})
@@ -41,8 +38,9 @@ def _trace_pass(state: GraftState) -> PassResult:
 
 def _match_pass(state: GraftState) -> PassResult:
     state.regions = find_regions(state.traced)
-    if state.locality is not None and callable(state.locality):  # ranked now, on the untouched model
-        state.locality = state.locality(state.model, state.regions)
+    for name, ranking in state.rankings.items():  # the rankings measured once: now, on the untouched model
+        if not ranking.per_step:
+            state.ranked[name] = ranking(state.model, state.regions)
     counts = {k: sum(r.kind == k for r in state.regions) for k in ("attention", "mlp", "block", "block_pair")}
     return PassResult(False, counts)
 
@@ -70,13 +68,8 @@ def _rewrite_pass(step_index: int, step) -> Pass:
 
     def run(state: GraftState) -> PassResult:
         done = {r["fqn"]: r for r in state.rewrites}
-        order = state.locality["order"] if isinstance(state.locality, dict) else None
-        sensitivity = None
-        if step.select.strategy == SENSITIVITY_STRATEGY and step.select.ratio is not None and state.sensitivity:
-            # measured now, on the model as the earlier steps left it, for this step's operator
-            sensitivity = state.sensitivity(state.model, state.regions, step.replace)
-        chosen = select_regions(step.select, state.regions, f"{where}.select", order,
-                                sensitivity["order"] if sensitivity else None)
+        name, ranking = _ranking_for(step, state)
+        chosen = select_regions(step.select, state.regions, f"{where}.select", ranking["order"] if ranking else None)
         if rules_by_op()[step.replace.op].plugs_in and any("site" not in r.attrs for r in chosen):
             probe(state.model, state.args, state.kwargs, state.regions)  # one forward, only when a rule needs it
         for region in chosen:
@@ -91,10 +84,8 @@ def _rewrite_pass(step_index: int, step) -> Pass:
             record["step"] = step_index
             state.rewrites.append(record)
         details = {"op": step.replace.op, "kind": step.select.kind, "rewritten": [r.fqn for r in chosen]}
-        if order is not None and step.select.strategy in LOCALITY_STRATEGIES:
-            details["locality"] = state.locality  # what the selection was ranked by
-        if sensitivity:
-            details["sensitivity"] = sensitivity
+        if ranking:
+            details[name] = ranking  # what the selection was ranked by
         left = chosen[0].attrs.get("unpaired") if chosen else None
         if left:  # blocks the matcher could not pair (the rule's guard refused them unless told to skip)
             details["left_sequential"] = [f"{u['fqn']}: {u['reason']}" for u in left]
@@ -104,6 +95,17 @@ def _rewrite_pass(step_index: int, step) -> Pass:
 
     return Pass(f"{where}:{step.replace.op}", run, frozenset({"regions"} | ({f"graft{step_index - 1}"} if step_index else set())),
                 frozenset({f"graft{step_index}"}))
+
+
+def _ranking_for(step, state: GraftState) -> tuple[str | None, dict | None]:
+    """The ranking a step's ranked strategy selects by (name, ranking), if it has one and was handed in."""
+    if step.select.ratio is None or step.select.strategy not in RANKED_STRATEGIES:
+        return None, None
+    name = RANKED_STRATEGIES[step.select.strategy][0]
+    ranking = state.rankings.get(name)
+    if ranking is not None and ranking.per_step:  # measured now, on the model as the earlier steps left it
+        return name, ranking(state.model, state.regions, step.replace)
+    return name, state.ranked.get(name)
 
 
 def _overlap(region: Region, rewrites: list[dict]) -> tuple[str, dict] | None:
@@ -122,39 +124,21 @@ def build_passes(plan) -> list[Pass]:
     return passes + [_rewrite_pass(i, step) for i, step in enumerate(plan.graft)]
 
 
-def compile(model: torch.nn.Module, plan, example_inputs: Any = (), progress=None, locality=None,
-            sensitivity=None) -> GraftResult:
+def graft(model: torch.nn.Module, plan, example_inputs: Any = (), rankings: dict | None = None,
+          progress=None) -> GraftResult:
     """Rewrite `model` in place by `plan` (a Plan, a dict, or a path to YAML). `example_inputs` is a tuple of
-    positional args or a dict of keyword args, used to trace the model and check every rewrite.
-
-    `locality(model, regions) -> {"order": [...], ...}` ranks attention layers for the local-first /
-    nonlocal-first strategies (the CLI measures on the model's own data, cached); by default they are ranked on
-    the example inputs. `sensitivity(model, regions, replace) -> {"order": [...], ...}` ranks them for
-    least-sensitive-first (``graftc.sensitivity.provider``; it needs the model's data, so there is no default)."""
+    positional args or a dict of keyword args, used to trace the model and check every rewrite. `rankings`:
+    {name: graftc.rankings.Ranking} for the ranked strategies (plan.RANKED_STRATEGIES names the one each reads);
+    a ranked step without its ranking is refused."""
     if not isinstance(plan, BaseModel):
-        from graftc.plan import load_plan
-
         plan = parse_plan(plan) if isinstance(plan, dict) else load_plan(plan)
     state = GraftState(model.eval(), *split_inputs(example_inputs))
-    if any(step.select.strategy in LOCALITY_STRATEGIES and step.select.ratio is not None for step in plan.graft):
-        state.locality = locality or (lambda m, regions: _example_locality(m, regions, state.args, state.kwargs))
-    state.sensitivity = sensitivity
+    used = {RANKED_STRATEGIES[step.select.strategy][0] for step in plan.graft
+            if step.select.ratio is not None and step.select.strategy in RANKED_STRATEGIES}
+    state.rankings = {name: ranking for name, ranking in (rankings or {}).items() if name in used}
     reports = run_passes(state, build_passes(plan), progress)
     record_layers(state.model)
     return GraftResult(state.model, state.regions, state.rewrites, reports, plan)
-
-
-def _example_locality(model, regions, args, kwargs) -> dict:
-    from graftc.analysis import locality_ranking
-
-    return locality_ranking(model, [(args, kwargs)], regions, n_batches=1)
-
-
-def inspect_regions(model: torch.nn.Module, example_inputs: Any = ()) -> list[Region]:
-    args, kwargs = split_inputs(example_inputs)
-    regions = find_regions(trace(model, args, kwargs))
-    probe(model, args, kwargs, regions)
-    return regions
 
 
 def replay(model: torch.nn.Module, rewrites: list[dict]) -> torch.nn.Module:

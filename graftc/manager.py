@@ -11,7 +11,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from graftc.errors import GraftError
-from graftc.match import Region
+from graftc.region import Region
+from graftc.trace import describe_failure
 
 
 @dataclass
@@ -25,8 +26,8 @@ class GraftState:
     regions: list[Region] = field(default_factory=list)
     rewrites: list[dict] = field(default_factory=list)  # what was done: rule, fqn, resolved config, region
     signature: list = field(default_factory=list)  # output shapes/dtypes the model must keep
-    locality: Any = None  # attention ranking for the locality strategies (a provider until the match pass runs it)
-    sensitivity: Any = None  # provider (model, regions, replace) -> ranking, for least-sensitive-first
+    rankings: dict = field(default_factory=dict)  # name -> graftc.rankings.Ranking, for the ranked strategies
+    ranked: dict = field(default_factory=dict)  # name -> ranking measured once, on the untouched model
 
 
 @dataclass
@@ -73,7 +74,7 @@ def order_passes(passes: list[Pass]) -> list[Pass]:
 
 def run_passes(state: GraftState, passes: list[Pass], progress: Callable[[str], None] | None = None) -> list[PassReport]:
     reports, done, established = [], [], set()
-    cost = measure(state)
+    cost = measure_cost(state)
     for p in order_passes(passes):
         missing = p.requires - established
         if missing:
@@ -118,15 +119,13 @@ def _fake_forward(state: GraftState) -> tuple[list, int, int]:
     return leaves, sum(p.numel() for p in state.model.parameters()), flops
 
 
-def measure(state: GraftState) -> tuple[int, int]:
+def measure_cost(state: GraftState) -> tuple[int, int]:
     """(parameters, forward FLOPs) of the model as it is; records the output signature it must keep."""
     try:
         signature, params, flops = _fake_forward(state)
     except GraftError:
         raise
     except Exception as exc:  # e.g. data-dependent control flow: the model cannot be traced either
-        from graftc.trace import describe_failure
-
         raise GraftError(f"cannot trace {type(state.model).__name__}: {describe_failure(exc)}") from None
     state.signature = signature
     return params, flops

@@ -7,13 +7,15 @@ modules that compute exactly that region (its *cover*), which is where rewrites 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
+import torch
 from torch import fx
 
 from graftc.patterns import PATTERNS, Pattern
-from graftc.trace import Traced, _clean_fqn
+from graftc.region import Region
+from graftc.site import probe
+from graftc.trace import Traced, _clean_fqn, split_inputs, trace
 
 # Ops that move or re-type data without mixing it: the matcher looks through them.
 LAYOUT_OPS = {
@@ -84,29 +86,6 @@ def match_pattern(pattern: Pattern, traced: Traced) -> list[tuple[fx.Node, dict]
         if op_name(node) == op_name(anchor) and _match(anchor, node, binds):
             found.append((node, binds))
     return found
-
-
-@dataclass
-class Region:
-    """A matched computation. JSON-serializable: the manifest stores it, so loading needs no re-trace."""
-
-    kind: str  # attention | mlp | block | block_pair
-    index: int  # position among regions of its kind, execution order
-    fqn: str  # smallest module enclosing the whole region
-    cover: list[str]  # modules that compute exactly this region, in execution order ([] if inline)
-    roles: dict[str, str] = field(default_factory=dict)  # role -> Linear fqn (q, k, v, o, w_in, w_out, ...)
-    params: int = 0
-    flops: int = 0
-    input_shape: list[int] = field(default_factory=list)
-    output_shape: list[int] = field(default_factory=list)
-    attrs: dict = field(default_factory=dict)  # heads, kv_heads, head_dim, hidden, pattern, ...
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Region":
-        return cls(**data)
 
 
 def _shape(node) -> list[int]:
@@ -335,6 +314,14 @@ def find_regions(traced: Traced) -> list[Region]:
             r.index = i
             r.attrs.pop("first_node", None)
             regions.append(r)
+    return regions
+
+
+def inspect_regions(model: torch.nn.Module, example_inputs: Any = ()) -> list[Region]:
+    """The regions of `model` (traced on `example_inputs`), each with its call site recorded (graftc.site)."""
+    args, kwargs = split_inputs(example_inputs)
+    regions = find_regions(trace(model, args, kwargs))
+    probe(model, args, kwargs, regions)
     return regions
 
 

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from graftc.errors import GraftError
-from graftc.match import Region
-from graftc.rules import Strict
+from graftc.region import Region
+from graftc.rules import Strict, rules_by_op
 
 KINDS = ("attention", "mlp", "block", "block_pair")
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(:\s*(-?\d+)?\s*)?$")
@@ -169,8 +169,6 @@ class Data(Strict):
 
 
 def _op_union():
-    from graftc.rules import rules_by_op
-
     configs = tuple(rule.config for rule in rules_by_op().values())
     return Annotated[Union[configs], Field(discriminator="op")] if len(configs) > 1 else configs[0]
 
@@ -284,8 +282,6 @@ def dump_plan(plan: BaseModel) -> str:
 
 # ---------------------------------------------------------------- strict keys with suggestions
 def _op_names() -> list[str]:
-    from graftc.rules import rules_by_op
-
     return list(rules_by_op())
 
 
@@ -337,14 +333,24 @@ def _check_keys(data: Any, model: type[BaseModel], path: str) -> None:
 
 
 # ---------------------------------------------------------------- selection
-LOCALITY_STRATEGIES = ("local-first", "nonlocal-first")
-SENSITIVITY_STRATEGY = "least-sensitive-first"
+# The ranked strategies: the ranking (graftc.rankings) each takes attention layers from, and whether it takes them
+# from the ranking's end instead of its front.
+RANKED_STRATEGIES = {"local-first": ("locality", False), "nonlocal-first": ("locality", True),
+                     "least-sensitive-first": ("sensitivity", False)}
+_RANKED_BY = {"locality": "measured locality; it needs kind: attention and the locality analysis",
+              "sensitivity": "measured graft sensitivity; it needs kind: attention and the measurement (graftc compile "
+                             "makes it)"}
 
 
-def select_regions(select: Select, regions: list[Region], where: str, locality: list[int] | None = None,
-                   sensitivity: list[int] | None = None) -> list[Region]:
-    """The regions a `select` names, with errors that say what the model has. `locality`: attention indices,
-    most local first, for the locality strategies; `sensitivity`: attention indices, least sensitive first."""
+def ranked_layers(strategy: str, order: list[int], k: int) -> list[int]:
+    """The `k` attention indices a ranked strategy takes from `order` (the ranking's order), sorted."""
+    ranked = order[::-1] if RANKED_STRATEGIES[strategy][1] else order
+    return sorted(ranked[:k])
+
+
+def select_regions(select: Select, regions: list[Region], where: str, order: list[int] | None = None) -> list[Region]:
+    """The regions a `select` names, with errors that say what the model has. `order`: the attention indices in
+    the order of the ranking a ranked strategy reads (RANKED_STRATEGIES)."""
     pool = [r for r in regions if r.kind == select.kind]
     n = len(pool)
     if n == 0:
@@ -362,17 +368,11 @@ def select_regions(select: Select, regions: list[Region], where: str, locality: 
         return chosen
     if select.ratio is not None:
         k = max(1, round(select.ratio * n))
-        if select.strategy in LOCALITY_STRATEGIES:
-            if select.kind != "attention" or locality is None:
-                raise GraftError(f"{where}: strategy {select.strategy} ranks attention layers by measured locality; "
-                                 f"it needs kind: attention and the locality analysis")
-            ranked = locality if select.strategy == "local-first" else locality[::-1]
-            idx = sorted(ranked[:k])
-        elif select.strategy == SENSITIVITY_STRATEGY:
-            if select.kind != "attention" or sensitivity is None:
-                raise GraftError(f"{where}: strategy {select.strategy} ranks attention layers by measured graft "
-                                 "sensitivity; it needs kind: attention and the measurement (graftc compile makes it)")
-            idx = sorted(sensitivity[:k])
+        if select.strategy in RANKED_STRATEGIES:
+            if select.kind != "attention" or order is None:
+                by = _RANKED_BY[RANKED_STRATEGIES[select.strategy][0]]
+                raise GraftError(f"{where}: strategy {select.strategy} ranks attention layers by {by}")
+            idx = ranked_layers(select.strategy, order, k)
         elif select.strategy == "first":
             idx = list(range(k))
         elif select.strategy == "last":

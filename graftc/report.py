@@ -19,7 +19,7 @@ def regions_table(regions) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def report_markdown(spec: str, result, distill: dict | None = None, quality: dict | None = None,
+def artifact_report(spec: str, result, distill: dict | None = None, quality: dict | None = None,
                     preview: list[str] | None = None) -> str:
     """`preview`: markdown lines of graftc.samples (teacher and graft samples or greedy continuations)."""
     first, last = result.reports[0], result.reports[-1]

@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graftc.errors import GraftError
+from graftc.distill.data import DiffusionTask, generator, make_task
+from graftc.errors import GraftError, read_json
+from graftc.evaluate import is_causal_lm, text_tokenizer
+from graftc.files import write_atomic
+from graftc.plan import load_plan, parse_plan
 
 MAX_COLUMNS = 64
 DEFAULT_COLUMNS = 10  # a class or prompt per column, at most this many unless asked for more
@@ -41,8 +45,6 @@ def parse_columns(value) -> int:
 
 def applies(loaded) -> bool:
     """Whether `preview` may have something for this model (checked before a rewrite changes it)."""
-    from graftc.evaluate import is_causal_lm
-
     return loaded.family in ("dit", "diffusers") or is_causal_lm(loaded.model)
 
 
@@ -50,8 +52,6 @@ def preview(loaded, data, seed: int, columns: int | None = None, log=print):
     """The preview that fits the model: a Grid for image-generating models, Continuations for causal LMs, else
     None. A text-to-image model without the prompt embeddings it is distilled on gets `Skipped` (its reason goes
     into report.md; nothing is printed, so that a later error stays the only line)."""
-    from graftc.evaluate import is_causal_lm
-
     if is_causal_lm(loaded.model):
         return Continuations(loaded, seed, log=log)
     try:
@@ -64,8 +64,6 @@ def preview(loaded, data, seed: int, columns: int | None = None, log=print):
 def eval_grid(loaded, target: Path, columns: int, steps: int, cfg: float, seed: int, log=print) -> "Grid":
     """`graftc eval --grid N`: the grid of an artifact (`target`, with the conditions of its plan's data) or a
     MODEL spec, sampled with eval's `steps` and `cfg`. A model that makes no images is a GraftError."""
-    from graftc.plan import load_plan, parse_plan
-
     plan = Path(target) / "plan.yaml"
     data = load_plan(plan).data if plan.is_file() else parse_plan({"version": 1}).data
     data = data.model_copy(update={"sampler_steps": steps, "cfg_scale": cfg})
@@ -82,8 +80,6 @@ def eval_grid(loaded, target: Path, columns: int, steps: int, cfg: float, seed: 
 def image_task(loaded, data, seed: int):
     """The diffusion task of an image-generating model (None for other models) with a noise stream of its own,
     so that the grid's samples are not the training samples. A GraftError where its conditions are missing."""
-    from graftc.distill.data import DiffusionTask, make_task
-
     if loaded.family not in ("dit", "diffusers"):
         return None
     task = make_task(loaded, data, seed)
@@ -123,8 +119,6 @@ class _Rows:
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
-
-        from graftc.files import write_atomic
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # atomic like the checkpoints it sits beside
         rows = {k: v.contiguous() for k, v in self.rows.items()}
@@ -276,8 +270,6 @@ def _find_vae(task):
         if (folder / "config.json").is_file():
             import diffusers
 
-            from graftc.errors import read_json
-
             config = read_json(folder / "config.json")
             cls = getattr(diffusers, config.get("_class_name", ""), None)
             if cls is None or config.get("latent_channels", task.channels) != task.channels:
@@ -291,9 +283,6 @@ class Continuations(_Rows):
     three fixed rows of token ids (from the seed). Each row is NEW_TOKENS new tokens per prompt."""
 
     def __init__(self, loaded, seed: int = 0, new_tokens: int = NEW_TOKENS, log=lambda line: None):
-        from graftc.distill.data import generator
-        from graftc.evaluate import text_tokenizer
-
         self.tokenizer = text_tokenizer(loaded)
         self.new_tokens, self.log = new_tokens, log
         if self.tokenizer is not None:

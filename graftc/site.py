@@ -29,7 +29,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from graftc.errors import GraftError
-from graftc.match import Region
+from graftc.manager import fake_forward
+from graftc.region import Region
 
 # Most tokens a sequence may hold before its patch grid (class, distillation and register tokens) for the grid to
 # be taken as its token grid: ViTs with 4 registers have 5.
@@ -45,8 +46,6 @@ CONTEXT_NAMES = {
 def probe(model: torch.nn.Module, args: tuple, kwargs: dict, regions: list[Region]) -> None:
     """Record `site` (and `grid` where one exists) in the attrs of every region that has a cover and no record yet
     (an earlier probe's record stays: its module may have been rewritten since)."""
-    from graftc.manager import fake_forward
-
     recorded = [r.attrs["site"] for r in regions if "site" in r.attrs]
     entries = {r.cover[0]: r for r in regions
                if r.cover and r.kind in ("attention", "mlp", "block_pair") and "site" not in r.attrs}

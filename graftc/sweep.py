@@ -5,14 +5,18 @@ FLOPs and latency, and the Pareto front (lower error and lower FLOPs) is drawn a
 """
 from __future__ import annotations
 
-import copy
 import json
-import tempfile
 from pathlib import Path
 
-import torch
+import matplotlib
+import yaml
 
+from graftc import rankings
+from graftc.distill.speed import compare
 from graftc.errors import GraftError
+from graftc.plan import parse_plan
+from graftc.probe import held_out, output_error, probe_graft, probe_plan
+from graftc.spec import load_model
 
 DEFAULT_OPS = ("hyena_x", "hyena_y", "swa", "linear")
 DEFAULT_RATIOS = (0.25, 0.5)
@@ -20,23 +24,8 @@ DEFAULT_STRATEGIES = ("interleaved", "local-first")
 
 
 def candidate_plan(op: str, ratio: float, strategy: str, steps: int, batch_size: int, data: dict) -> dict:
-    return {"version": 1,
-            "graft": [{"select": {"kind": "attention", "ratio": ratio, "strategy": strategy}, "replace": {"op": op}}],
-            "distill": {"stage1": {"steps": steps, "batch_size": batch_size, "lr": 2e-3, "eval_every": steps},
-                        "checkpoint_every": 10 ** 9},
-            "data": data}
-
-
-@torch.no_grad()
-def output_error(task, teacher, student, batch_size: int) -> float:
-    """Mean squared difference of the model outputs over the validation split."""
-    total, count = 0.0, 0
-    for batch in task.val_batches(batch_size):
-        a = task.output(teacher(*batch.args, **batch.kwargs)).float()
-        b = task.output(student(*batch.args, **batch.kwargs)).float()
-        total += float(((a - b) ** 2).mean()) * batch.size
-        count += batch.size
-    return total / count
+    return probe_plan([{"select": {"kind": "attention", "ratio": ratio, "strategy": strategy}, "replace": {"op": op}}],
+                      steps, batch_size, data)
 
 
 def pareto(rows: list[dict], x: str = "gflops", y: str = "output_mse") -> list[dict]:
@@ -47,54 +36,37 @@ def pareto(rows: list[dict], x: str = "gflops", y: str = "output_mse") -> list[d
 
 def sweep(spec: str, ops, ratios, strategies, steps: int, batch_size: int, data: dict, seed: int = 0,
           log=print) -> list[dict]:
-    import graftc
-    from graftc import sensitivity
-    from graftc.analysis import cached_locality
-    from graftc.distill import run as run_distill
-    from graftc.distill.data import make_task
-    from graftc.distill.speed import compare
-    from graftc.plan import parse_plan
-    from graftc.spec import load_model
-
     base = load_model(spec, seed=seed)
     task = None  # the validation inputs every candidate is judged on: made (or read from the cache) once
     rows = []
-    with tempfile.TemporaryDirectory(prefix="graftc-sweep-") as work:
-        for op in ops:
-            for ratio in ratios:
-                for strategy in strategies:
-                    name = f"{op}-{int(round(ratio * 100))}-{strategy}"
-                    raw = candidate_plan(op, ratio, strategy, steps, batch_size, data)
-                    plan = parse_plan(raw, name)
-                    teacher, student = copy.deepcopy(base.model), copy.deepcopy(base.model)
-                    result = graftc.compile(student, plan, base.example,
-                                            locality=cached_locality(base, plan.data, seed),
-                                            sensitivity=sensitivity.provider(base, plan.data, seed, log=log,
-                                                                             steps=sensitivity.steps_for(plan)))
-                    outcome = run_distill(teacher, student, result.rewrites, plan, base, Path(work) / name,
-                                          False, seed, log=lambda *_: None)
-                    if task is None:
-                        task = make_task(base, plan.data, seed)
-                        task.prepare(teacher, lambda *_: None)
-                    speed = compare(teacher, student, base)
-                    nodes = outcome.summary["stage1"]
-                    row = {"name": name, "op": op, "ratio": ratio, "strategy": strategy,
-                           "layers": [r["index"] for r in result.rewrites],
-                           "output_mse": output_error(task, teacher, student, batch_size),
-                           "stage1_val": sum(n["best_val"] for n in nodes),
-                           "gflops": result.reports[-1].flops_after / 1e9,
-                           "teacher_gflops": result.reports[0].flops_before / 1e9,
-                           "latency_ms": speed["graft_ms"], "teacher_ms": speed["teacher_ms"],
-                           "plan": raw}
-                    rows.append(row)
-                    log(f"{name}: layers {row['layers']}, output MSE {row['output_mse']:.4g}, "
-                        f"stage-1 val {row['stage1_val']:.4g}, {row['gflops']:.4g} GFLOPs, {row['latency_ms']:.2f} ms")
+    for op in ops:
+        for ratio in ratios:
+            for strategy in strategies:
+                name = f"{op}-{int(round(ratio * 100))}-{strategy}"
+                raw = candidate_plan(op, ratio, strategy, steps, batch_size, data)
+                plan = parse_plan(raw, name)
+                probe = probe_graft(base, base.model, plan, seed, rankings.for_model(base, plan, seed, log))
+                teacher, student, result = probe.teacher, probe.student, probe.result
+                if task is None:
+                    task = held_out(base, plan.data, seed, teacher)
+                speed = compare(teacher, student, base)
+                nodes = probe.outcome.summary["stage1"]
+                row = {"name": name, "op": op, "ratio": ratio, "strategy": strategy,
+                       "layers": [r["index"] for r in result.rewrites],
+                       "output_mse": output_error(task, teacher, student, batch_size),
+                       "stage1_val": sum(n["best_val"] for n in nodes),
+                       "gflops": result.reports[-1].flops_after / 1e9,
+                       "teacher_gflops": result.reports[0].flops_before / 1e9,
+                       "latency_ms": speed["graft_ms"], "teacher_ms": speed["teacher_ms"],
+                       "plan": raw}
+                rows.append(row)
+                log(f"{name}: layers {row['layers']}, output MSE {row['output_mse']:.4g}, "
+                    f"stage-1 val {row['stage1_val']:.4g}, {row['gflops']:.4g} GFLOPs, {row['latency_ms']:.2f} ms")
     return rows
 
 
-def write_outputs(rows: list[dict], folder: Path) -> list[dict]:
-    import yaml
-
+def write_sweep(rows: list[dict], folder: Path) -> list[dict]:
+    """plans/ (the Pareto front's plans), sweep.json, pareto.png and report.md into `folder`; returns the front."""
     front = pareto(rows)
     (folder / "plans").mkdir(parents=True)
     for r in front:
@@ -117,10 +89,8 @@ def write_outputs(rows: list[dict], folder: Path) -> list[dict]:
 
 
 def _plot(rows, front, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend: no display needed
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for op in dict.fromkeys(r["op"] for r in rows):

@@ -19,6 +19,13 @@ from torch import fx
 from graftc.errors import GraftError
 
 
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Example inputs are a tuple of positional args or a dict of keyword args."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
 @dataclass
 class Traced:
     """An exported graph plus the lookups the matcher needs."""

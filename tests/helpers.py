@@ -8,7 +8,7 @@ from torch.utils._pytree import tree_flatten
 
 import graftc
 from graftc.artifact import save
-from graftc.report import report_markdown
+from graftc.report import artifact_report
 
 
 def leaves(output) -> list[torch.Tensor]:
@@ -47,7 +47,7 @@ def graft(loaded, plan: dict):
 
 
 def save_and_load(result, spec: str, out, **load_kw):
-    save(out, result, spec, "test", report_markdown(spec, result))
+    save(out, result, spec, "test", artifact_report(spec, result))
     return graftc.load(out, **load_kw)
 
 

@@ -174,7 +174,7 @@ def test_cli_analyze_tiny_dit(tmp_path, monkeypatch, capsys):
 
 def test_locality_strategies_select_by_measured_locality(tmp_path):
     import graftc
-    from graftc.compiler import compile as graft
+    from graftc import compile as graft
 
     ranking = {"k": 2, "order": [2, 0, 1, 5, 3, 4]}
     provider = lambda model, regions: ranking  # noqa: E731
@@ -216,7 +216,7 @@ def test_least_sensitive_first_ranks_by_the_single_layer_graft(tmp_path):
     """A block whose attention branch is gated to zero cannot move the output whatever replaces its attention:
     its measured sensitivity is exactly 0 and least-sensitive-first takes it; the others move the output."""
     import graftc
-    from graftc import sensitivity
+    from graftc import rankings
     from graftc.plan import parse_plan
 
     loaded = graftc.load_model("demo:tiny-dit")
@@ -228,7 +228,7 @@ def test_least_sensitive_first_ranks_by_the_single_layer_graft(tmp_path):
     data = parse_plan({"version": 1, "data": {"samples": 16, "sampler_steps": 2, "fd_samples": 0,
                                               "cache": str(tmp_path / "cache")}}).data
     lines = []
-    provider = sensitivity.provider(loaded, data, seed=0, steps=3, log=lines.append)
+    provider = rankings.sensitivity_on_data(loaded, data, seed=0, steps=3, log=lines.append)
     plan = {"version": 1, "graft": [{"select": {"kind": "attention", "ratio": 0.5, "strategy": "least-sensitive-first"},
                                      "replace": {"op": "hyena_x"}}]}
     result = graftc.compile(loaded.model, plan, loaded.example, sensitivity=provider)

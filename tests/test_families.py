@@ -96,7 +96,7 @@ def test_attention_with_rotary_tables_made_by_a_matmul_is_found():
     back to the q and k Linears, and the region is found."""
     import torch.nn.functional as F
 
-    from graftc.compiler import inspect_regions
+    from graftc.match import inspect_regions
 
     class RotaryAttention(torch.nn.Module):
         def __init__(self, width=16, heads=2):

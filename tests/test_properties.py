@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import graftc
 from graftc.artifact import save
-from graftc.report import report_markdown
+from graftc.report import artifact_report
 from tests.helpers import leaves
 
 ATTENTION_OPS = st.one_of(
@@ -103,7 +103,7 @@ def _check_random_plan(cfg, attn_sel, attn_op, mlp_sel, mlp_op, tmp_path_factory
     if _starts_as_teacher(attn_op, cfg) and _starts_as_teacher(mlp_op, cfg):
         for a, b in zip(got, expected):
             assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max()), (attn_op, mlp_op)
-    out = save(tmp_path_factory.mktemp("art") / "out", result, "python:unused", "h", report_markdown("x", result))
+    out = save(tmp_path_factory.mktemp("art") / "out", result, "python:unused", "h", artifact_report("x", result))
     with torch.no_grad():
         reloaded = leaves(graftc.load(out, model=_model(cfg))(**example))
     assert all(torch.equal(a, b) for a, b in zip(got, reloaded))

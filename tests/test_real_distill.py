@@ -19,9 +19,9 @@ import torch
 import yaml
 
 import graftc
+from graftc import compile as graft
 from graftc import evaluate, text
 from graftc.cli import main
-from graftc.compiler import compile as graft
 from graftc.plan import parse_plan
 from tests.test_real_models import minilm, smollm2  # noqa: F401  (module-scoped fixtures: one load each)
 
