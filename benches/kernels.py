@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from graftc.kernels.hyena import hyena_conv, hyena_reference
-from graftc.kernels.local_attention import (flex_neighborhood_attention, flex_window_attention,
-                                            neighborhood_attention, neighborhood_attention_reference,
-                                            window_attention, window_attention_reference)
+from graftc.kernels.hyena import hyena_conv
+from graftc.kernels.hyena.naive import hyena_reference
+from graftc.kernels.local_attention import neighborhood_attention, window_attention
+from graftc.kernels.local_attention.naive import neighborhood_attention_reference, window_attention_reference
 
 DATASHEET = {"H100": {"gbps": 3350.0, "tflops": 989.0}, "H200": {"gbps": 4800.0, "tflops": 989.0}}  # bf16 dense
 
@@ -92,6 +93,32 @@ def _pairs_2d(height: int, width: int, kernel: int) -> int:
     ys = sum(min(height - 1, y + r) - max(0, y - r) + 1 for y in range(height))
     xs = sum(min(width - 1, x + r) - max(0, x - r) + 1 for x in range(width))
     return ys * xs
+
+
+def _compiled_flex(mask_mod, tokens: int, device):
+    """A compiled flex_attention callable (q, k, v) -> out whose block mask skips the blocks no query sees."""
+    block_mask = create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+    attend = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: attend(q, k, v, block_mask=block_mask)
+
+
+def flex_window_attention(tokens: int, window: int, causal: bool = False, device="cpu"):
+    """Compiled FlexAttention with window_attention's mask: (q, k, v) -> out."""
+    def mask_mod(b, h, i, j):
+        near = (i - j).abs() <= window
+        return near & (j <= i) if causal else near
+    return _compiled_flex(mask_mod, tokens, device)
+
+
+def flex_neighborhood_attention(grid: tuple[int, int], kernel: int, device="cpu"):
+    """Compiled FlexAttention with neighborhood_attention's mask, tokens in raster order (not reordered into
+    rectangular tiles first: that was slower, see RESULTS.md): (q, k, v) -> out."""
+    height, width = grid
+    r = kernel // 2
+
+    def mask_mod(b, h, i, j):
+        return ((i // width - j // width).abs() <= r) & ((i % width - j % width).abs() <= r)
+    return _compiled_flex(mask_mod, height * width, device)
 
 
 def bench_local(device: str, dtype: torch.dtype, grids: dict, reps: int, peaks: dict, heads: int = 16,

@@ -24,7 +24,8 @@ declaration, e.g. with a chunked PyTorch path and the naive reference:
 
 A path is called with the op's arguments (or through `call(path, *arguments)` where a family's paths are objects).
 `backward(family, inputs, outputs, *grads)` returns one gradient per op argument (None where there is none);
-`recompute` is the usual one; `nondifferentiable` lists the outputs that get no gradient. A backward with its own kernels is a family of its own (no `backward`), which the
+`recompute` is the usual one. The outputs are kept for it only with `save_outputs` (else it gets ()), and
+`nondifferentiable` lists the outputs that get no gradient. A backward with its own kernels is a family of its own (no `backward`), which the
 forward family's `backward` calls: kernels/hyena and kernels/local_attention do that.
 
 Tests and benchmarks run one path with `only(path, fn)`: a path name, or a path object (a tuned tile size).
@@ -51,12 +52,12 @@ _FORCED: contextvars.ContextVar = contextvars.ContextVar("graftc_forced_path", d
 class Family:
     def __init__(self, name: str, schema: str, *, reference, torch, fake: Callable, flops: Callable,
                  backward: Callable | None = None, cpu=None, triton=None, call: Callable | None = None,
-                 nondifferentiable: tuple[int, ...] = ()):
+                 save_outputs: bool = False, nondifferentiable: tuple[int, ...] = ()):
         # (`torch` names the PyTorch path here: this method uses the module only through `custom_op` and `ops`)
         self.name = name
         self.paths = {"reference": reference, "torch": torch, "cpu": cpu, "triton": triton}
         self.call = call or (lambda path, *args: path(*args))
-        self.backward, self.nondifferentiable = backward, nondifferentiable
+        self.backward, self.save_outputs, self.nondifferentiable = backward, save_outputs, nondifferentiable
         self.op = custom_op(f"graftc::{name}", self._run, mutates_args=(), schema=schema)
         self.op.register_fake(fake)
         if backward is not None:
@@ -86,7 +87,7 @@ class Family:
 
     def __call__(self, *args):
         """The op; a plain eager call (no autograd needed, no tracing or dispatch mode) runs the path directly,
-        skipping the custom-op dispatcher's ~15 us, as long as a small kernel on a GPU."""
+        skipping the custom-op dispatcher, whose cost per call is that of a small kernel on a GPU."""
         if _eager(args):
             return self._run(*args)
         return self.op(*args)
@@ -94,7 +95,8 @@ class Family:
     def _setup(self, ctx, inputs, output):
         outputs = output if isinstance(output, tuple) else (output,)
         is_saved = [x is None or isinstance(x, Tensor) for x in inputs]
-        ctx.save_for_backward(*(x for x, saved in zip(inputs, is_saved) if saved), *outputs)
+        ctx.save_for_backward(*(x for x, saved in zip(inputs, is_saved) if saved),
+                              *(outputs if self.save_outputs else ()))
         ctx.others = [None if saved else x for x, saved in zip(inputs, is_saved)]
         ctx.is_saved, ctx.forced = is_saved, _FORCED.get()
         ctx.mark_non_differentiable(*(outputs[i] for i in self.nondifferentiable))
@@ -119,8 +121,9 @@ def recompute(family: Family, inputs, outputs, *grads):
             args[i] = tensor
         return family.call(path, *args)
 
-    _, vjp = torch.func.vjp(forward, *(inputs[i] for i in where))
-    grads = [torch.zeros_like(out) if grad is None else grad for grad, out in zip(grads, outputs)]
+    recomputed, vjp = torch.func.vjp(forward, *(inputs[i] for i in where))
+    recomputed = recomputed if isinstance(recomputed, tuple) else (recomputed,)
+    grads = [torch.zeros_like(out) if grad is None else grad for grad, out in zip(grads, recomputed)]
     input_grads = dict(zip(where, vjp(tuple(grads) if len(grads) > 1 else grads[0])))
     return [input_grads.get(i) for i in range(len(inputs))]
 

@@ -16,11 +16,35 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from graftc.kernels import local_attention as la  # noqa: E402
+from graftc.kernels.family import only  # noqa: E402
+from graftc.kernels.local_attention import naive  # noqa: E402
+from graftc.kernels.local_attention.blocked import Blocked, tiling_of  # noqa: E402
+from graftc.kernels.local_attention.triton import Triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BOUND = 1e-5
 has_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="the blocked path is the CPU path")
+
+
+def window_attention_blocked(q, k, v, window, causal=False, block=None):
+    """The blocked CPU path, `block` queries per tile (default: tuned)."""
+    return only(Blocked((1, block) if block else None), la.window_attention)(q, k, v, window, causal)
+
+
+def neighborhood_attention_blocked(q, k, v, grid, kernel, tile=None):
+    """The blocked CPU path, tile[0] x tile[1] queries per tile (default: tuned)."""
+    return only(Blocked(tuple(tile) if tile else None), la.neighborhood_attention)(q, k, v, grid, kernel)
+
+
+def window_attention_triton(q, k, v, window, causal=False, block=64):
+    """The Triton kernels, `block` queries per program and `block` keys per step (a power of 2)."""
+    return only(Triton((1, block), (1, block)), la.window_attention)(q, k, v, window, causal)
+
+
+def neighborhood_attention_triton(q, k, v, grid, kernel, tile=(8, 8), visit=(4, 16)):
+    """The Triton kernels: programs own tile rectangles, step over halos in visit rectangles (power-of-2 areas)."""
+    return only(Triton(tuple(tile), tuple(visit)), la.neighborhood_attention)(q, k, v, grid, kernel)
 
 
 def rms(x: torch.Tensor) -> float:
@@ -111,11 +135,11 @@ def test_library_references_match_the_explicit_masks(case):
     """graftc's own dense references (used by benchmarks and the GPU check) agree with the masks written here."""
     q, k, v = qkv(1, 2, 35, 8)
     if case == "neighborhood":
-        ours = la.neighborhood_attention_reference(q, k, v, (5, 7), 3)
+        ours = naive.neighborhood_attention_reference(q, k, v, (5, 7), 3)
         theirs = neighborhood_reference((5, 7), 3)(q, k, v)
     else:
         causal = case == "causal-window"
-        ours, theirs = la.window_attention_reference(q, k, v, 4, causal), window_reference(4, causal)(q, k, v)
+        ours, theirs = naive.window_attention_reference(q, k, v, 4, causal), window_reference(4, causal)(q, k, v)
     assert rel_rms(ours, theirs) < BOUND
 
 
@@ -126,7 +150,7 @@ def test_library_references_match_the_explicit_masks(case):
 @pytest.mark.parametrize("batch, heads, tokens, head_dim, window, causal, block", WINDOW_CASES)
 def test_window_blocked_matches_reference(batch, heads, tokens, head_dim, window, causal, block):
     q, k, v = qkv(batch, heads, tokens, head_dim)
-    attend = lambda q, k, v: la.window_attention_blocked(q, k, v, window, causal, block=block)
+    attend = lambda q, k, v: window_attention_blocked(q, k, v, window, causal, block=block)
     assert_matches(attend, window_reference(window, causal), q, k, v,
                    zero_qk_grads=min(window, tokens - 1) == 0)
 
@@ -135,7 +159,7 @@ def test_window_blocked_matches_reference(batch, heads, tokens, head_dim, window
 @pytest.mark.parametrize("batch, heads, height, width, head_dim, kernel, tile", NEIGHBORHOOD_CASES)
 def test_neighborhood_blocked_matches_reference(batch, heads, height, width, head_dim, kernel, tile):
     q, k, v = qkv(batch, heads, height * width, head_dim)
-    attend = lambda q, k, v: la.neighborhood_attention_blocked(q, k, v, (height, width), kernel, tile=tile)
+    attend = lambda q, k, v: neighborhood_attention_blocked(q, k, v, (height, width), kernel, tile=tile)
     assert_matches(attend, neighborhood_reference((height, width), kernel), q, k, v, zero_qk_grads=kernel == 1)
 
 
@@ -147,10 +171,10 @@ def test_blocked_float64_is_exact(dims):
     height, width, size, _ = dims
     q, k, v = qkv(1, 2, height * width, 16, dtype=torch.float64)
     if height == 1:
-        attend, reference = (lambda q, k, v: la.window_attention_blocked(q, k, v, size, block=16),
+        attend, reference = (lambda q, k, v: window_attention_blocked(q, k, v, size, block=16),
                              window_reference(size, False))
     else:
-        attend, reference = (lambda q, k, v: la.neighborhood_attention_blocked(q, k, v, (height, width), size,
+        attend, reference = (lambda q, k, v: neighborhood_attention_blocked(q, k, v, (height, width), size,
                                                                                 tile=(4, 4)),
                              neighborhood_reference((height, width), size))
     assert_matches(attend, reference, q, k, v, bound=1e-12)
@@ -160,10 +184,10 @@ def test_blocked_float64_is_exact(dims):
 def test_blocked_in_head_chunks():
     """Heads split over several chunks (here one head each) give the same result and gradients."""
     q, k, v = qkv(2, 3, 7 * 10, 16)
-    win = la._Window(7, 10, 1, 1)
-    attend = lambda q, k, v: la._LocalAttention.apply(q, k, v, win, 0.25, la._Blocked((4, 8), chunk_bytes=1))
+    win = naive.Window(7, 10, 1, 1)
+    attend = lambda q, k, v: only(Blocked((4, 8), chunk_bytes=1), la.neighborhood_attention)(q, k, v, (7, 10), 3, 0.25)
     reference = neighborhood_reference((7, 10), 3, scale=0.25)
-    assert len(la._Blocked((4, 8), chunk_bytes=1).chunks(q, la._tiling(win, (4, 8)))) == 6
+    assert len(Blocked((4, 8), chunk_bytes=1).chunks(q, tiling_of(win, (4, 8)))) == 6
     assert_matches(attend, reference, q, k, v)
 
 
@@ -190,7 +214,7 @@ TRITON_NEIGHBORHOOD_CASES = [
 @pytest.mark.parametrize("batch, heads, tokens, head_dim, window, causal, block", TRITON_WINDOW_CASES)
 def test_window_triton_matches_reference(batch, heads, tokens, head_dim, window, causal, block):
     q, k, v = qkv(batch, heads, tokens, head_dim)
-    attend = lambda q, k, v: la.window_attention_triton(q, k, v, window, causal, block=block)
+    attend = lambda q, k, v: window_attention_triton(q, k, v, window, causal, block=block)
     assert_matches(attend, window_reference(window, causal), q, k, v,
                    zero_qk_grads=min(window, tokens - 1) == 0)
 
@@ -199,7 +223,7 @@ def test_window_triton_matches_reference(batch, heads, tokens, head_dim, window,
 @pytest.mark.parametrize("batch, heads, height, width, head_dim, kernel, own, visit", TRITON_NEIGHBORHOOD_CASES)
 def test_neighborhood_triton_matches_reference(batch, heads, height, width, head_dim, kernel, own, visit):
     q, k, v = qkv(batch, heads, height * width, head_dim)
-    attend = lambda q, k, v: la.neighborhood_attention_triton(q, k, v, (height, width), kernel, tile=own,
+    attend = lambda q, k, v: neighborhood_attention_triton(q, k, v, (height, width), kernel, tile=own,
                                                               visit=visit)
     assert_matches(attend, neighborhood_reference((height, width), kernel), q, k, v, zero_qk_grads=kernel == 1)
 
@@ -210,7 +234,7 @@ def test_neighborhood_triton_matches_reference(batch, heads, height, width, head
 def test_triton_half_inputs(dtype):
     """16-bit inputs: fp32 accumulation inside, so only the inputs' and output's rounding shows."""
     q, k, v = qkv(1, 4, 1024, 72, dtype=dtype)
-    out = la.neighborhood_attention_triton(q, k, v, (32, 32), 7)
+    out = neighborhood_attention_triton(q, k, v, (32, 32), 7)
     expected = neighborhood_reference((32, 32), 7)(q.float(), k.float(), v.float())
     assert out.dtype == dtype and rel_rms(out, expected) < 1e-2
 
@@ -231,17 +255,17 @@ def test_ops_match_reference_in_every_mode(mode, monkeypatch):
 def test_ops_pick_the_blocked_path_on_cpu(monkeypatch):
     monkeypatch.setenv("GRAFTC_KERNELS", "auto")
     q, k, v = (x.detach().cpu() for x in qkv(1, 2, 45, 16))
-    assert isinstance(la._path(q), la._Blocked)
+    assert isinstance(la.window_attention_op.pick(q), Blocked)
     monkeypatch.setenv("GRAFTC_KERNELS", "reference")
-    assert isinstance(la._path(q), la._Reference)
+    assert isinstance(la.window_attention_op.pick(q), naive.Reference)
     monkeypatch.setenv("GRAFTC_KERNELS", "triton")
-    assert isinstance(la._path(q), la._Triton)
+    assert isinstance(la.window_attention_op.pick(q), Triton)
 
 
 @pytest.mark.parametrize("path", ["op", pytest.param("triton", marks=has_triton)])
 def test_causal_window_ignores_the_future(path):
     q, k, v = qkv(1, 2, 80, 16)
-    attend = (la.window_attention if path == "op" else la.window_attention_triton)
+    attend = (la.window_attention if path == "op" else window_attention_triton)
     cut = 37
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[:, :, cut + 1:] += 5.0

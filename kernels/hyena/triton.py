@@ -233,11 +233,11 @@ class _Launch(NamedTuple):
 def _launch_config(u: Tensor, length: int, channels: int, batch: int, gpu_block_l: int) -> _Launch:
     if u.is_cuda:
         # 64 channels = one 128-byte line per bf16 row; 4 warps. gpu_block_l keeps every kernel variant free of
-        # register spills (ptxas, sm_90, bf16: 48 to 198 registers a thread; 16 rows would spill Hyena-SE).
+        # register spills (ptxas's counts: benches/RESULTS.md).
         block_l, block_d, warps = gpu_block_l, 64, 4
         programs = 4 * torch.cuda.get_device_properties(u.device).multi_processor_count
     else:
-        # The interpreter costs ~0.1 ms per op and program: few, large programs (2 chunks exercise the walk).
+        # The interpreter pays per op and program: few, large programs (2 chunks exercise the walk).
         block_l, block_d, warps = 128, 128, 1
         programs = None
     block_l = min(block_l, max(16, triton.next_power_of_2(length)))

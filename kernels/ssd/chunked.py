@@ -44,8 +44,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 
     # Within a chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
     # The segment sums come from a cumsum down each column of the masked a_i, not from cum_i - cum_j:
-    # that difference of two large sums loses the small segments that matter most (measured: often 10x
-    # or more error in the gradient of A). The -inf mask goes in before exp, so nothing overflows to inf.
+    # that difference of two large sums loses the small segments that matter most, and with them the gradient
+    # of A (benches/RESULTS.md). The -inf mask goes in before exp, so nothing overflows to inf.
     causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
     segment = log_decay[..., :, None].expand(*log_decay.shape, size).masked_fill(~causal.tril(-1), 0.0)
     segment = segment.cumsum(-2).masked_fill(~causal, float("-inf"))  # [b, c, g, r, i, j]

@@ -15,7 +15,7 @@ precision however large c grows.
 Across chunks the recurrence is s_c+1 = f_c s_c + u_c (f_c = exp(c_last) per head, u_c = B^T (x dt
 exp(c_last - c_j))), one in-place multiply-add per chunk. Decay weights below _NEGLIGIBLE relative to
 what they scale are set to 0 (in float64, before the cast): it changes nothing at fp32 precision, and
-keeps subnormal numbers, which x86 computes some 100x slower, out of the GEMMs and the scan. The sequence
+keeps subnormal numbers, which x86 computes far slower, out of the GEMMs and the scan. The sequence
 is processed in segments of about _SEGMENT_TOKENS tokens, so every temporary is a few MB: it stays in
 cache, and the allocator reuses it instead of mapping new pages.
 """
@@ -138,8 +138,8 @@ def _segment(x, B, C, D, out, state, s: _Scalars, first: int, n: int, size: int)
             .reshape(gemms, size, state_size)
 
     # Across chunks: S_0 = the entering state, S_c+1 = f_c S_c + u_c, in place over the u_c. One multiply-add
-    # per chunk touches each state once; a log-depth scan was measured 15% slower here (it touches each
-    # log2(n) times, and the states are large: N x width).
+    # per chunk touches each state once, where a log-depth scan touches each log2(n) times, and the states are
+    # large (N x width): the scan was slower (benches/RESULTS.md).
     Bk, Ck = per_gemm(B), per_gemm(C)
     now = x.new_empty(n + 1, batch, groups, state_size, per_group, head_dim)
     now[0].copy_(state)
