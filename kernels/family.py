@@ -50,7 +50,7 @@ _FORCED: contextvars.ContextVar = contextvars.ContextVar("graftc_forced_path", d
 
 
 class Family:
-    def __init__(self, name: str, schema: str, *, reference, torch, fake: Callable, flops: Callable,
+    def __init__(self, name: str, schema: str, *, reference, torch, fake: Callable, flops: Callable | None = None,
                  backward: Callable | None = None, cpu=None, triton=None, call: Callable | None = None,
                  save_outputs: bool = False, nondifferentiable: tuple[int, ...] = ()):
         # (`torch` names the PyTorch path here: this method uses the module only through `custom_op` and `ops`)
@@ -62,7 +62,8 @@ class Family:
         self.op.register_fake(fake)
         if backward is not None:
             self.op.register_autograd(self._backward, setup_context=self._setup)
-        formula(getattr(ops.graftc, name))(flops)
+        if flops is not None:  # none for elementwise ops: FlopCounterMode counts only matmul-like work
+            formula(getattr(ops.graftc, name))(flops)
 
     def pick(self, x: Tensor, differentiable: bool = False) -> Any:
         """The path a call on tensor x runs: forced (`only`), else by GRAFTC_KERNELS and x's device."""

@@ -4,7 +4,8 @@ A new operator is an nn.Module `forward(x, call=None)` mapping the region's inpu
 [B, N, D']; `call` (graftc.site.Call) carries the rest of the replaced module's call: padding mask, rotary
 positions, decode cache, layer index. `install` puts it at the region's site (graftc.site.Site adapts the call
 signature) and turns the rest of a chained cover (BERT's `attention.output.dense`) into identities, since the
-operator already computes the whole region.
+operator already computes the whole region. The registry checks the call site (`graftc.rules.Rule.check`) before
+a rule's guard runs, so the guards here may read `region.attrs["site"]`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import Field
 
 from graftc.match import Region
 from graftc.rules import OpConfig, submodule
-from graftc.site import Call, Site, site_problem
+from graftc.site import Call, Site
 
 class MixerConfig(OpConfig):
     """Base of configs for new operators plugged in at a region (a token mixer or an MLP variant)."""
@@ -29,10 +30,6 @@ class MixerConfig(OpConfig):
 def install(region: Region, operator: torch.nn.Module) -> dict[str, torch.nn.Module]:
     entry, *rest = region.cover
     return {entry: Site(operator, region.attrs["site"]), **{fqn: torch.nn.Identity() for fqn in rest}}
-
-
-def guard_site(region: Region, config: OpConfig) -> str | None:
-    return site_problem(region)
 
 
 def widths(region: Region) -> tuple[int, int]:
@@ -173,16 +170,16 @@ def build_projected(region: Region, config: MixerConfig, model: torch.nn.Module,
 
 def guard_positions(region: Region, config: OpConfig) -> str | None:
     """For operators that apply the teacher's rotary embeddings to q and k: the tables must span a head."""
-    positions = region.attrs.get("site", {}).get("context", {}).get("positions")
+    positions = region.attrs["site"].get("context", {}).get("positions")
     if positions and positions.get("dim") != region.attrs.get("head_dim"):
         return (f"the model's rotary tables are {positions.get('dim')} wide but a head is "
                 f"{region.attrs.get('head_dim')} (partial rotary embeddings are not supported by {config.op})")
-    return guard_site(region, config)
+    return None
 
 
 def guard_causal_decoding(region: Region, config: OpConfig, causal: bool | None) -> str | None:
     """A model that decodes with a cache needs a causal operator: a bidirectional one would see future tokens
     in a full forward that the cached decode never sees."""
-    if causal is False and "cache" in region.attrs.get("site", {}).get("context", {}):
+    if causal is False and "cache" in region.attrs["site"].get("context", {}):
         return f"causal: false, but {region.cover[0]} decodes token by token with a cache (only causal: true or unset)"
     return guard_positions(region, config)

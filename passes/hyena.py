@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from graftc.kernels.hyena import conv_tail, hyena_continue, hyena_conv
 from graftc.match import Region
 from graftc.rules import Rule
-from graftc.passes.common import (MixerConfig, TeacherAttention, guard_site, install, like, projections,
-                                  teacher_attention, widths)
+from graftc.passes.common import (MixerConfig, TeacherAttention, install, like, projections, teacher_attention,
+                                  widths)
 from graftc.site import Call
 
 KernelField = Field(4, ge=1, le=128, description="taps of each causal short convolution")
@@ -142,19 +142,24 @@ def build_mlp_hyena(region: Region, config: MlpHyenaConfig, model: torch.nn.Modu
 
 
 def guard_mlp_hyena(region: Region, config: MlpHyenaConfig) -> str | None:
-    problem = guard_site(region, config)
-    if problem is None and region.attrs["site"].get("decodes"):
+    if region.attrs["site"].get("decodes"):
         return (f"mlp_hyena_x mixes tokens, but {region.cover[0]} (an MLP) receives neither the padding mask nor the "
                 "decode cache, so cached decoding would be wrong; use it in encoders or image models")
-    return problem
+    return None
 
 
-hyena_rules = [
-    Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena, guard_site,
-         summary="Hyena-X: featurizer short conv, then q*k*v gating", plugs_in=True),
-    Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, guard_site, summary="Hyena-Y: q * inner_conv(k*v)", plugs_in=True),
-    Rule("hyena_se", ("attention",), HyenaSEConfig, build_hyena, guard_site,
-         summary="Hyena-SE: featurizer, then q * inner_conv(k*v)", plugs_in=True),
+FEATURIZER_STATE = "last kernel-1 inputs of the featurizer (3 x heads x head_dim channels)"
+INNER_STATE = "last kernel-1 inputs of the inner filter (width channels)"
+RULES = [
+    Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena,
+         summary="Hyena-X: featurizer short conv, then q*k*v gating", plugs_in=True,
+         decode_state=FEATURIZER_STATE, memory="0 (fixed (kernel-1) x 3 x width)"),
+    Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, summary="Hyena-Y: q * inner_conv(k*v)", plugs_in=True,
+         decode_state=INNER_STATE, memory="0 (fixed (kernel-1) x width)"),
+    Rule("hyena_se", ("attention",), HyenaSEConfig, build_hyena,
+         summary="Hyena-SE: featurizer, then q * inner_conv(k*v)", plugs_in=True, example={"kernel": 3},
+         decode_state=f"{FEATURIZER_STATE}; {INNER_STATE}", memory="0 (fixed (kernel-1) x 4 x width)"),
     Rule("mlp_hyena_x", ("mlp",), MlpHyenaConfig, build_mlp_hyena, guard_mlp_hyena,
-         summary="Hyena-X as an MLP: in_proj d->6d, short conv, 3-way gating, out_proj 2d->d", plugs_in=True),
+         summary="Hyena-X as an MLP: in_proj d->6d, short conv, 3-way gating, out_proj 2d->d", plugs_in=True,
+         needs=("no-cache",)),
 ]

@@ -88,7 +88,8 @@ def build_linear(region: Region, config: LinearConfig, model: torch.nn.Module) -
     return build_projected(region, config, model, LinearAttention, feature_map=config.feature_map, causal=causal)
 
 
-linear_attention_rules = [
+RULES = [
     Rule("linear", ("attention",), LinearConfig, build_linear, guard_linear,
-         summary="linear attention with a (learnable) feature map", plugs_in=True),
+         summary="linear attention with a (learnable) feature map", plugs_in=True,
+         decode_state="running sums phi(k)^T [v, 1] per head", memory="0 (fixed heads x features x (head_dim + 1), fp32)"),
 ]

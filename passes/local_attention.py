@@ -188,9 +188,12 @@ def guard_swa2d(region: Region, config: Swa2dConfig) -> str | None:
     return problem
 
 
-local_attention_rules = [
+RULES = [
     Rule("swa", ("attention",), SwaConfig, build_swa, guard_swa,
-         summary="sliding-window softmax attention on the flattened sequence", plugs_in=True),
+         summary="sliding-window softmax attention on the flattened sequence", plugs_in=True, example={"window": 2},
+         decode_state="sliding-window KV of the last `window` tokens, at the teacher's kv_heads",
+         memory="0 beyond the window (fixed 2 x kv_heads x head_dim x window)"),
     Rule("swa2d", ("attention",), Swa2dConfig, build_swa2d, guard_swa2d,
-         summary="k x k neighbourhood softmax attention on the token grid", plugs_in=True),
+         summary="k x k neighbourhood softmax attention on the token grid (`kernel` odd)", plugs_in=True,
+         example={"kernel": 3}, needs=("grid",)),
 ]

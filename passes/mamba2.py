@@ -23,7 +23,7 @@ from graftc.kernels import dispatch
 from graftc.kernels.hyena import causal_conv1d, conv_tail
 from graftc.kernels.ssd import ssd, ssd_reference
 from graftc.match import Region
-from graftc.passes.common import MixerConfig, guard_site, install, like, linear, widths
+from graftc.passes.common import MixerConfig, install, like, linear, widths
 from graftc.rules import Rule
 from graftc.site import Call
 
@@ -172,10 +172,12 @@ def guard_mamba2(region: Region, config: Mamba2Config) -> str | None:
         return f"head_dim {config.head_dim} does not divide the inner width {inner} (expand x width)"
     if (inner // config.head_dim) % config.groups:
         return f"groups {config.groups} does not divide the {inner // config.head_dim} heads"
-    return guard_site(region, config)
+    return None
 
 
-mamba2_rules = [
+RULES = [
     Rule("mamba2", ("attention",), Mamba2Config, build_mamba2, guard_mamba2,
-         summary="Mamba-2 (SSD) mixer, pure PyTorch, causal over the token order", plugs_in=True),
+         summary="Mamba-2 (SSD) mixer, pure PyTorch, causal over the token order", plugs_in=True,
+         example={"d_state": 8, "head_dim": 8, "chunk": 4}, decode_state="conv state + SSM state",
+         memory="0 (fixed (d_conv-1) x (expand x width + 2 x groups x d_state) + expand x width x d_state)"),
 ]

@@ -71,6 +71,8 @@ def guard_mlp(region: Region, config: MlpConfig) -> str | None:
     return None
 
 
-mlp_rules = [
-    Rule("mlp", ("mlp",), MlpConfig, build_mlp, guard_mlp, summary="the MLP with another expansion ratio"),
+RULES = [
+    Rule("mlp", ("mlp",), MlpConfig, build_mlp, guard_mlp,
+         summary="the MLP with another expansion ratio (`init: teacher`: the first units kept, new units start silent)",
+         example={"ratio": 2}, decode_state="none", memory="0"),
 ]

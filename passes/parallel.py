@@ -44,7 +44,6 @@ from graftc.errors import GraftError
 from graftc.kernels.parallel import PairWeights, parallel_dit_block
 from graftc.match import Region
 from graftc.rules import OpConfig, Rule, submodule
-from graftc.site import site_problem
 
 
 class ParallelConfig(OpConfig):
@@ -253,7 +252,7 @@ def guard_parallel(region: Region, config: ParallelConfig) -> str | None:
                 "set unpairable: skip to leave such blocks sequential")
     if len(region.cover) != 2:
         return f"a block pair covers two blocks, this region covers {region.cover}"
-    return site_problem(region)
+    return None
 
 
 def build_parallel(region: Region, config: ParallelConfig, model: nn.Module) -> dict[str, nn.Module]:
@@ -269,8 +268,9 @@ def build_parallel(region: Region, config: ParallelConfig, model: nn.Module) -> 
     return {region.cover[0]: block, region.cover[1]: PairedAway(site, second)}
 
 
-parallel_rules = [
+RULES = [
     Rule("parallel", ("block_pair",), ParallelConfig, build_parallel, guard_parallel,
-         summary="depth->width: a pair of sequential blocks as two parallel branches merged by a linear projection",
-         plugs_in=True),
+         summary="depth->width: a pair of sequential blocks as two parallel branches merged by a linear projection "
+                 "(`init: teacher`: the branches are the pair's blocks, the merge [I | I])",
+         plugs_in=True, decode_state="the two blocks' KV", memory="as `self`, for both blocks"),
 ]

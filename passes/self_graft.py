@@ -34,7 +34,8 @@ def build_self(region: Region, config: SelfConfig, model: torch.nn.Module) -> di
     return new
 
 
-self_rules = [
+RULES = [
     Rule("self", ("attention", "mlp"), SelfConfig, build_self,
-         summary="the same operator, copied from the teacher or re-initialized"),
+         summary="the same operator, copied from the teacher (exactly the teacher) or re-initialized",
+         decode_state="the teacher's KV", memory="2 x kv_heads x head_dim values per layer"),
 ]

@@ -36,7 +36,7 @@ from graftc import artifact
 from graftc.compiler import GraftResult, replay
 from graftc.errors import GraftError
 from graftc.plan import KINDS, _models_in, dump_plan, parse_plan, plan_from_bytes, plan_model, select_regions
-from graftc.rules import rules_by_op
+from graftc.passes import rules_by_op
 from graftc.spec import load_model
 from tests import zoo
 from tests.helpers import perturb, run

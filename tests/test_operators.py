@@ -3,30 +3,35 @@ round-trips through an artifact, starts from the teacher where it claims to, and
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 import graftc
 from graftc.errors import GraftError
+from graftc.passes import rules_by_op
 from graftc.spec import load_model
 from tests import zoo
 from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_and_load, zoo_family_fixture
 
-# small sizes keep the tiny zoo models fast; every field is a real plan field
-ATTENTION_OPS = {
-    "hyena_x": {}, "hyena_y": {}, "hyena_se": {"kernel": 3},
-    "swa": {"window": 2}, "swa2d": {"kernel": 3},
-    "linear": {}, "linear-elu": {"feature_map": "elu"},
-    "mamba2": {"d_state": 8, "head_dim": 8, "chunk": 4},
-}
-MLP_OPS = {"mlp_hyena_x": {}}
-OPS = {**ATTENTION_OPS, **MLP_OPS}
+RULES = rules_by_op()
+# Every new operator in the registry (a rule that plugs in at an attention or MLP region) at its example config
+# (small sizes keep the tiny zoo models fast), and linear attention with a second feature map.
+OPS = {op: dict(rule.example) for op, rule in RULES.items()
+       if rule.plugs_in and rule.kinds[0] in ("attention", "mlp")} | {"linear-elu": {"feature_map": "elu"}}
 IMAGE_FAMILIES = {"diffusers-dit", "pixart-sigma", "graftc-dit", "vit"}
 DECODER_FAMILIES = {"qwen3-gqa", "llama"}  # decode with a KV cache: a token-mixing MLP is refused there
 FAMILIES = [f for f in zoo.FAMILIES if f != "demo"]  # demo is graftc-dit at other weights
+# A rule's needs (graftc.rules.NEEDS): the families that lack each, where its guard refuses with these words
+REFUSED_WITHOUT = {"grid": (set(FAMILIES) - IMAGE_FAMILIES, "no token grid can be inferred"),
+                   "no-cache": (DECODER_FAMILIES, "receives neither the padding mask nor the decode cache")}
 LM_EXAMPLE = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "use_cache": False}
 
+
+def rule_of(op_id: str):
+    return RULES[op_id.split("-")[0]]
 
 
 def replace(op_id: str, options: dict) -> dict:
@@ -57,14 +62,11 @@ def _check_trains_only_new(result, loaded):
 @pytest.mark.parametrize("op_id", list(OPS))
 def test_operator_grafts_into_family(family, op_id):
     name, spec, loaded = family
-    kind = "mlp" if op_id in MLP_OPS else "attention"
-    plan = plan_of(({"kind": kind, "ratio": 0.5}, replace(op_id, OPS[op_id])))
-    if op_id == "swa2d" and name not in IMAGE_FAMILIES:
-        with pytest.raises(GraftError, match="no token grid can be inferred"):
-            graft(loaded, plan)
-        return
-    if op_id == "mlp_hyena_x" and name in DECODER_FAMILIES:
-        with pytest.raises(GraftError, match="receives neither the padding mask nor the decode cache"):
+    rule = rule_of(op_id)
+    plan = plan_of(({"kind": rule.kinds[0], "ratio": 0.5}, replace(op_id, OPS[op_id])))
+    refusals = [REFUSED_WITHOUT[need][1] for need in rule.needs if name in REFUSED_WITHOUT[need][0]]
+    if refusals:
+        with pytest.raises(GraftError, match=refusals[0]):
             graft(loaded, plan)
         return
     teacher, result = graft(loaded, plan)
@@ -86,8 +88,7 @@ def tiny_dit():
 
 @pytest.mark.parametrize("op_id", list(OPS))
 def test_operator_round_trips_through_artifact(tiny_dit, op_id, tmp_path):
-    kind = "mlp" if op_id in MLP_OPS else "attention"
-    plan = plan_of(({"kind": kind, "layers": [1, 3]}, replace(op_id, OPS[op_id])))
+    plan = plan_of(({"kind": rule_of(op_id).kinds[0], "layers": [1, 3]}, replace(op_id, OPS[op_id])))
     _, result = graft(tiny_dit, plan)
     perturb(result.model, seed=1)  # as if distilled: the artifact must carry the new weights
     grafted = run(result.model, tiny_dit)
@@ -111,9 +112,8 @@ def test_full_window_from_teacher_reproduces_teacher(spec_name, op, tmp_path):
     assert max_diff(teacher, run(result.model, loaded)) <= 1e-5
 
 
-@pytest.mark.parametrize("replacement", [
-    {"op": "hyena_x"}, {"op": "hyena_y"}, {"op": "hyena_se"}, {"op": "mamba2", "d_state": 8, "head_dim": 8, "chunk": 4},
-    {"op": "swa", "window": 2}, {"op": "linear"},
+@pytest.mark.parametrize("replacement", [  # every attention operator that fits any model, so decoders too
+    replace(op, OPS[op]) for op, rule in RULES.items() if op in OPS and rule.kinds[0] == "attention" and not rule.needs
 ], ids=lambda r: r["op"])
 def test_causal_operators_in_a_language_model_stay_causal(replacement):
     """Qwen3 is causal; grafted layers must keep logits at t independent of tokens after t."""
@@ -184,7 +184,7 @@ def test_gqa_teacher_kv_heads_are_kept_by_attention_and_repeated_by_hyena():
                                           ("swa2d", "graftc.neighborhood_attention"),
                                           ("linear", "graftc.linear_attention"), ("mamba2", "graftc.ssd")])
 def test_generated_code_calls_the_kernel(tiny_dit, op_id, kernel):
-    _, result = graft(tiny_dit, plan_of(({"kind": "attention", "layers": [1]}, replace(op_id, ATTENTION_OPS[op_id]))))
+    _, result = graft(tiny_dit, plan_of(({"kind": "attention", "layers": [1]}, replace(op_id, OPS[op_id]))))
     code = graftc.compiler.emit_code(result.model, tiny_dit.example, ["blocks.1.attn"])
     assert f"torch.ops.{kernel}.default(" in code
 
@@ -201,3 +201,14 @@ def test_mamba2_shape_mismatch_is_refused(tiny_dit):
         graft(tiny_dit, plan_of(({"kind": "attention", "layers": [0]}, {"op": "mamba2", "head_dim": 7})))
     with pytest.raises(GraftError, match=r"groups 3 does not divide the 16 heads"):
         graft(tiny_dit, plan_of(({"kind": "attention", "layers": [0]}, {"op": "mamba2", "groups": 3})))
+
+
+def test_readme_operator_table_is_the_registry_rendered():
+    """README's table is generated (scripts/operator_table.py); a rule changed without rerunning it fails here."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "operator_table.py"
+    spec = importlib.util.spec_from_file_location("operator_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, table, _ = module.split(module.README.read_text())
+    assert table == module.rendered()
+    assert [row.split("`")[1] for row in table.splitlines()[2:]] == list(RULES)  # one row per rule, in order

@@ -17,6 +17,8 @@ import graftc
 from graftc.cli import main
 from graftc.errors import GraftError
 from graftc.kernels import parallel as kp
+from graftc.kernels.parallel import aten, naive
+from graftc.kernels.parallel import triton as kp_triton
 from graftc.models.dit import DiTBlock, build_dit, example_inputs
 from graftc.passes.parallel import PairedAway, ParallelBlocks, ParallelDiTBlock
 from graftc.spec import load_model
@@ -227,7 +229,7 @@ def test_fused_block_matches_reference_forward_and_backward(shape):
     x = torch.randn(batch, width, tokens, device=DEVICE).transpose(1, 2).requires_grad_()
     c = torch.randn(batch, width, device=DEVICE, requires_grad=True)
     fused = kp.parallel_dit_block(x, c, w, heads)
-    ref = kp.parallel_dit_block_reference(x, c, w, heads)
+    ref = naive.parallel_dit_block_reference(x, c, w, heads)
     assert rel(fused, ref) <= 1e-5
     grad = torch.randn_like(ref)
     inputs = [x, c, *w]
@@ -240,7 +242,7 @@ def test_fused_block_matches_reference_forward_and_backward(shape):
 def test_reference_mode_runs_the_unfused_composition(monkeypatch):
     w, x, c = _weights(32, 128), torch.randn(2, 8, 32), torch.randn(2, 32)
     monkeypatch.setenv("GRAFTC_KERNELS", "reference")
-    assert torch.equal(kp.parallel_dit_block(x, c, w, 2), kp.parallel_dit_block_reference(x, c, w, 2))
+    assert torch.equal(kp.parallel_dit_block(x, c, w, 2), naive.parallel_dit_block_reference(x, c, w, 2))
 
 
 def test_fused_block_is_the_teacher_pair_at_branch_level():
@@ -271,9 +273,9 @@ def test_modulated_layer_norm_triton_matches_reference(shape, shared):
     batch, tokens, width = shape
     x = torch.randn(1 if shared else 2, batch, tokens, width, device=DEVICE)
     shift, scale, _, _ = _modulation(batch, width, device=DEVICE)
-    ref = kp.modulated_layer_norm_reference(x, shift, scale)
-    assert rel(kp._modln_triton(x, shift, scale, 1e-6), ref) <= 1e-6
-    assert rel(kp._modln_torch(x, shift, scale, 1e-6), ref) <= 1e-6
+    ref = naive.modulated_layer_norm_reference(x, shift, scale)
+    assert rel(kp_triton.modulated_layer_norm(x, shift, scale, 1e-6), ref) <= 1e-6
+    assert rel(aten.modulated_layer_norm(x, shift, scale, 1e-6), ref) <= 1e-6
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 48), (1, 7, 1152)], ids=["b2-n16-d48", "b1-n7-d1152"])
@@ -282,8 +284,8 @@ def test_merge_input_triton_matches_reference(shape):
     attn, mlp = (torch.randn(2, batch * tokens, width, device=DEVICE) for _ in range(2))
     x, bias = torch.randn(batch * tokens, width, device=DEVICE), torch.randn(width, device=DEVICE)
     _, _, gate_attn, gate_mlp = _modulation(batch, width, device=DEVICE)
-    ref = kp.parallel_merge_input_reference(attn, gate_attn, mlp, gate_mlp, x, bias, tokens)
-    for impl in (kp._merge_triton, kp._merge_torch):
+    ref = naive.parallel_merge_input_reference(attn, gate_attn, mlp, gate_mlp, x, bias, tokens)
+    for impl in (kp_triton.merge_input, aten.merge_input):
         got = impl(attn, gate_attn, mlp, gate_mlp, x, bias, tokens)
         assert all(rel(a, b) <= 1e-6 for a, b in zip(got, ref))
 
@@ -291,7 +293,7 @@ def test_merge_input_triton_matches_reference(shape):
 def test_whole_block_on_triton_matches_reference(monkeypatch):
     w = _weights(48, 192, device=DEVICE)
     x, c = torch.randn(2, 9, 48, device=DEVICE), torch.randn(2, 48, device=DEVICE)
-    ref = kp.parallel_dit_block_reference(x, c, w, 4)
+    ref = naive.parallel_dit_block_reference(x, c, w, 4)
     monkeypatch.setenv("GRAFTC_KERNELS", "triton")
     assert rel(kp.parallel_dit_block(x, c, w, 4), ref) <= 1e-5
 
@@ -300,10 +302,10 @@ def test_whole_block_on_triton_matches_reference(monkeypatch):
 def test_whole_block_bf16_on_gpu_matches_fp32_reference():
     w = _weights(1152, 4608, scale=0.02, device="cuda")
     x, c = torch.randn(1, 256, 1152, device="cuda"), torch.randn(1, 1152, device="cuda")
-    ref = kp.parallel_dit_block_reference(x, c, w, 16)
+    ref = naive.parallel_dit_block_reference(x, c, w, 16)
     half = kp.PairWeights(*(t.bfloat16() for t in w))
     got = kp.parallel_dit_block(x.bfloat16(), c.bfloat16(), half, 16)
-    ref_half = kp.parallel_dit_block_reference(x.bfloat16(), c.bfloat16(), half, 16)
+    ref_half = naive.parallel_dit_block_reference(x.bfloat16(), c.bfloat16(), half, 16)
     assert rel(got.float(), ref) <= 2 * rel(ref_half.float(), ref) + 1e-3  # no worse than bf16 itself
 
 

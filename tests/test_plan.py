@@ -10,7 +10,7 @@ import yaml
 
 from graftc.match import Region
 from graftc.plan import dump_plan, json_schema, parse_plan, select_regions
-from graftc.rules import rules_by_op
+from graftc.passes import rules_by_op
 
 
 def regions(n, kind="attention"):
