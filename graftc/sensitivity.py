@@ -13,7 +13,7 @@ import copy
 import re
 
 from graftc.plan import parse_plan
-from graftc.probe import held_out, output_error, probe_graft, probe_plan
+from graftc.trial import held_out, output_error, trial_graft, trial_plan
 from graftc.rules import set_submodule
 
 STEPS = 600  # stage-1 steps of the measurement (fewer left a layer of the demo under-trained and misranked)
@@ -30,14 +30,14 @@ def graft_sensitivity(loaded, model, fqns: list[str], replace, data, seed: int, 
                       batch_size: int = BATCH) -> dict[str, float]:
     """{fqn: output MSE vs `model`} with only that attention module grafted by `replace` after a short stage 1."""
     pattern = "re:^(" + "|".join(re.escape(f) for f in fqns) + ")$"
-    raw = probe_plan([{"select": {"kind": "attention", "fqn": pattern}, "replace": replace.model_dump(mode="json")}],
+    raw = trial_plan([{"select": {"kind": "attention", "fqn": pattern}, "replace": replace.model_dump(mode="json")}],
                      steps, batch_size, data.model_dump(mode="json") | {"fd_samples": 0})
     plan = parse_plan(raw, "sensitivity")
-    probe = probe_graft(loaded, model, plan, seed)
-    teacher, student = probe.teacher, probe.student
+    trial = trial_graft(loaded, model, plan, seed)
+    teacher, student = trial.teacher, trial.student
     task = held_out(loaded, plan.data, seed, teacher)
     errors, alone = {}, copy.deepcopy(teacher)  # one copy; each trained node visits it in turn
-    for record in probe.result.rewrites:
+    for record in trial.result.rewrites:
         fqn = record["fqn"]
         original = alone.get_submodule(fqn)
         set_submodule(alone, fqn, student.get_submodule(fqn))

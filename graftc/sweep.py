@@ -15,7 +15,7 @@ from graftc import rankings
 from graftc.distill.speed import compare
 from graftc.errors import GraftError
 from graftc.plan import parse_plan
-from graftc.probe import held_out, output_error, probe_graft, probe_plan
+from graftc.trial import held_out, output_error, trial_graft, trial_plan
 from graftc.spec import load_model
 
 DEFAULT_OPS = ("hyena_x", "hyena_y", "swa", "linear")
@@ -24,7 +24,7 @@ DEFAULT_STRATEGIES = ("interleaved", "local-first")
 
 
 def candidate_plan(op: str, ratio: float, strategy: str, steps: int, batch_size: int, data: dict) -> dict:
-    return probe_plan([{"select": {"kind": "attention", "ratio": ratio, "strategy": strategy}, "replace": {"op": op}}],
+    return trial_plan([{"select": {"kind": "attention", "ratio": ratio, "strategy": strategy}, "replace": {"op": op}}],
                       steps, batch_size, data)
 
 
@@ -45,12 +45,12 @@ def sweep(spec: str, ops, ratios, strategies, steps: int, batch_size: int, data:
                 name = f"{op}-{int(round(ratio * 100))}-{strategy}"
                 raw = candidate_plan(op, ratio, strategy, steps, batch_size, data)
                 plan = parse_plan(raw, name)
-                probe = probe_graft(base, base.model, plan, seed, rankings.for_model(base, plan, seed, log))
-                teacher, student, result = probe.teacher, probe.student, probe.result
+                trial = trial_graft(base, base.model, plan, seed, rankings.for_model(base, plan, seed, log))
+                teacher, student, result = trial.teacher, trial.student, trial.result
                 if task is None:
                     task = held_out(base, plan.data, seed, teacher)
                 speed = compare(teacher, student, base)
-                nodes = probe.outcome.summary["stage1"]
+                nodes = trial.outcome.summary["stage1"]
                 row = {"name": name, "op": op, "ratio": ratio, "strategy": strategy,
                        "layers": [r["index"] for r in result.rewrites],
                        "output_mse": output_error(task, teacher, student, batch_size),
