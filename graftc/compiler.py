@@ -15,9 +15,10 @@ from torch import fx
 from graftc.errors import GraftError
 from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
 from graftc.match import find_regions
+from graftc.passes import rules_by_op
 from graftc.plan import RANKED_STRATEGIES, load_plan, parse_plan, select_regions
 from graftc.region import Region
-from graftc.rules import rules_by_op, set_submodule
+from graftc.rules import set_submodule
 from graftc.site import probe, record_layers
 from graftc.trace import split_inputs, trace
 
@@ -54,7 +55,7 @@ def apply_rewrite(model: torch.nn.Module, region: Region, config: BaseModel, whe
     if not region.cover:
         raise GraftError(f"{where}: {region.kind} {region.index} at {region.fqn} is computed inline, "
                          "with no module boundary to rewrite at")
-    reason = rule.guard(region, config)
+    reason = rule.check(region, config)
     if reason:
         raise GraftError(f"{where}: op '{config.op}' cannot replace {region.kind} {region.index} at {region.fqn}: {reason}")
     for fqn, module in rule.build(region, config, model).items():
