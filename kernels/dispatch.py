@@ -42,6 +42,17 @@ def plain_cpu_inference(x: Tensor) -> bool:
             and _get_current_dispatch_mode() is None)
 
 
+def plain_eager(args) -> bool:
+    """A plain eager call: real tensors, no autograd needed, nothing tracing, compiling or watching. A kernel family
+    may then skip the custom-op dispatcher (export, FakeTensor, FlopCounterMode and training all go through it)."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    tensors = [x for x in args if isinstance(x, Tensor)]
+    if torch.compiler.is_compiling() or any(type(x) not in (Tensor, torch.nn.Parameter) for x in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+
 def interpreting() -> bool:
     """Whether Triton runs in its interpreter (TRITON_INTERPRET=1), where CPU tensors are allowed."""
     import triton

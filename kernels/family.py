@@ -24,9 +24,9 @@ declaration, e.g. with a chunked PyTorch path and the naive reference:
 
 A path is called with the op's arguments (or through `call(path, *arguments)` where a family's paths are objects).
 `backward(family, inputs, outputs, *grads)` returns one gradient per op argument (None where there is none);
-`recompute` is the usual one. The outputs are kept for it only with `save_outputs` (else it gets ()), and
-`nondifferentiable` lists the outputs that get no gradient. A backward with its own kernels is a family of its own (no `backward`), which the
-forward family's `backward` calls: kernels/hyena and kernels/local_attention do that.
+`recompute` is the usual one. It gets the outputs only with `save_outputs` (else ()); `nondifferentiable` lists
+the outputs that get no gradient. A backward with kernels of its own is a family of its own (without `backward`)
+that the forward family's `backward` calls: kernels/hyena and kernels/local_attention do that.
 
 Tests and benchmarks run one path with `only(path, fn)`: a path name, or a path object (a tuned tile size).
 """
@@ -54,7 +54,6 @@ class Family:
                  backward: Callable | None = None, cpu=None, triton=None, call: Callable | None = None,
                  save_outputs: bool = False, nondifferentiable: tuple[int, ...] = ()):
         # (`torch` names the PyTorch path here: this method uses the module only through `custom_op` and `ops`)
-        self.name = name
         self.paths = {"reference": reference, "torch": torch, "cpu": cpu, "triton": triton}
         self.call = call or (lambda path, *args: path(*args))
         self.backward, self.save_outputs, self.nondifferentiable = backward, save_outputs, nondifferentiable
@@ -89,7 +88,7 @@ class Family:
     def __call__(self, *args):
         """The op; a plain eager call (no autograd needed, no tracing or dispatch mode) runs the path directly,
         skipping the custom-op dispatcher, whose cost per call is that of a small kernel on a GPU."""
-        if _eager(args):
+        if dispatch.plain_eager(args):
             return self._run(*args)
         return self.op(*args)
 
@@ -149,14 +148,3 @@ def _forcing(path):
 
 def _first_tensor(args) -> Tensor:
     return next(x for x in args if isinstance(x, Tensor))
-
-
-def _eager(args) -> bool:
-    """Real tensors, no autograd needed, nothing tracing, compiling or watching (export, FakeTensor, FlopCounterMode
-    and training all go through the registered op)."""
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    tensors = [x for x in args if isinstance(x, Tensor)]
-    if torch.compiler.is_compiling() or any(type(x) not in (Tensor, torch.nn.Parameter) for x in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
