@@ -13,7 +13,7 @@ import torch
 
 from graftc.errors import GraftError
 
-__all__ = ["Diffusion", "dit_eps", "sample_dit"]
+__all__ = ["Diffusion", "dit_eps", "guided_eps", "sample_dit"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,6 +100,17 @@ class Diffusion:
         return x
 
 
+def guided_eps(predict, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null_class: int,
+               cfg_scale: float) -> torch.Tensor:
+    """`predict(x, t, labels)` with classifier-free guidance: eps_u + s (eps_c - eps_u), the conditional and the
+    unconditional (every label the null class) halves evaluated in one batch; with s = 1, just predict(x, t, labels)."""
+    if float(cfg_scale) == 1.0:
+        return predict(x, t, labels)
+    both = predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_class)]))
+    cond, uncond = both.chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
 def dit_eps(model, labels, cfg_scale: float = 1.0) -> EpsFn:
     """eps_fn(x_t, t) for graftc's DiT with class ``labels`` [B].
 
@@ -114,20 +125,13 @@ def dit_eps(model, labels, cfg_scale: float = 1.0) -> EpsFn:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise GraftError(f"dit_eps: labels must lie in [0, {num_classes}) (got {int(labels.min())}..{int(labels.max())})")
     channels = int(model.in_channels)
-    guided = float(cfg_scale) != 1.0
-    null = torch.full_like(labels, num_classes)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != labels.shape[0]:
             raise GraftError(f"dit_eps: batch of {x.shape[0]} inputs for {labels.shape[0]} labels")
         xin = x.to(device=device, dtype=dtype)
         tin = torch.as_tensor(t).to(device).reshape(-1).expand(x.shape[0])
-        if guided:
-            out = model(torch.cat([xin, xin]), torch.cat([tin, tin]), torch.cat([labels, null]))[:, :channels]
-            cond, uncond = out.chunk(2, dim=0)
-            eps = uncond + cfg_scale * (cond - uncond)
-        else:
-            eps = model(xin, tin, labels)[:, :channels]
+        eps = guided_eps(lambda x_, t_, y_: model(x_, t_, y_)[:, :channels], xin, tin, labels, num_classes, cfg_scale)
         return eps.to(device=x.device, dtype=x.dtype)
 
     return eps_fn

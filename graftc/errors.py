@@ -2,6 +2,7 @@
 
 
 import json
+import re
 from pathlib import Path
 
 
@@ -10,6 +11,15 @@ class GraftError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a GraftError: its type and the first line of its message (loaders'
+    messages can run over many lines and carry terminal colour codes)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    first = first if len(first) <= limit else first[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def read_json(path: Path):

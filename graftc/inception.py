@@ -24,13 +24,12 @@ convention) and returns
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from graftc.errors import GraftError
+from graftc.files import first_few, misfit, read_weights
 
 __all__ = ["InceptionV3", "load_inception", "EXPECTED"]
 
@@ -235,60 +234,19 @@ class InceptionV3(nn.Module):
 # ------------------------------------------------------------------ loading
 
 
-def _one_line(exc: Exception) -> str:
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:  # torch's own text goes on to suggest weights_only=False, which graftc never does
-        reason = " ".join(text.split(marker, 1)[1].split("Please use")[0].split("Check the documentation")[0].split())
-        return (f"weights_only=True refused it: {reason[:160] or 'not a torch.save file'}; graftc never runs "
-                "pickled code, so a .pth must hold tensors in plain containers only")
-    return f"{type(exc).__name__}: {' '.join(text.split())[:200]}"
-
-
-def _first(items: list, n: int = 3) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
-def _read(path: Path) -> dict:
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pth", ".pt"):
-        raise GraftError(f"Inception-v3 weights {path}: unsupported file type {suffix or '(none)'!r}; "
-                         f"give a .safetensors, .pth or .pt file holding {EXPECTED}")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            # weights_only: a .pth is a pickle, and a pickle can run code; only tensors and plain containers load
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a weights file, or a pickle with objects weights_only refuses
-        raise GraftError(f"cannot read Inception-v3 weights {path} ({_one_line(exc)}); expected {EXPECTED}, "
-                         "saved by torch.save or as safetensors") from None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        found = type(state).__name__ + (" with non-tensor entries" if isinstance(state, dict) and state else "")
-        raise GraftError(f"Inception-v3 weights {path} are not a plain state dict (found {found}); expected {EXPECTED}")
-    return state
-
-
 def load_inception(path) -> InceptionV3:
     """The network in a local weights file, in eval mode, float32, on the CPU. The variant follows ``fc``:
     1008 classes = the FID network, 1000 = torchvision's ImageNet network. ``AuxLogits.*`` entries are dropped
     (the auxiliary classifier plays no part in the features), as are BatchNorm's ``num_batches_tracked``."""
-    path = Path(path)
-    if not path.is_file():
-        raise GraftError(f"Inception-v3 weights not found: {path}")
-    state = {k: v for k, v in _read(path).items()
+    state = {k: v for k, v in read_weights(path, "Inception-v3 weights", (".pth", ".pt"), EXPECTED).items()
              if not k.startswith("AuxLogits.") and not k.endswith("num_batches_tracked")}
     fc = state.get("fc.weight")
     classes = int(fc.shape[0]) if fc is not None and fc.dim() == 2 and fc.shape[0] == IMAGENET_CLASSES else FID_CLASSES
     model = InceptionV3(classes)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = [f"{len(items)} {what} ({_first(items)})"
+    missing, unexpected, mismatched = misfit(expected, state)
+    mismatched = [f"{k} {got} (expected {want})" for k, got, want in mismatched]
+    problems = [f"{len(items)} {what} ({first_few(items)})"
                 for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("shape mismatches", mismatched)) if items]
     if problems:

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -22,7 +21,8 @@ from typing import Any
 import torch
 import yaml
 
-from graftc.errors import GraftError, read_json
+from graftc.errors import GraftError, one_line, read_json
+from graftc.files import check_fits, read_weights, weights_hash
 
 FORMS = ("a save_pretrained directory, a folder holding a .gguf file (DIR:gguf=FILE), timm:NAME, "
          "python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]")
@@ -67,15 +67,6 @@ def load_model(spec: str, seed: int = 0) -> Loaded:
     loaded.spec = spec
     loaded.model.eval()
     return loaded
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes and bytes: identifies the base weights a graft was made from."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- demo models and graftc's own DiT
@@ -138,7 +129,7 @@ def _load_timm(rest: str) -> Loaded:
     try:
         import timm
     except Exception as exc:  # ImportError, or torchvision failing inside timm's import
-        raise GraftError(f"timm:{name}: timm cannot be imported ({type(exc).__name__}: {str(exc)[:120]}); "
+        raise GraftError(f"timm:{name}: timm cannot be imported ({one_line(exc, 120)}); "
                          "install timm with a torchvision that matches your torch") from None
     checkpoint = kwargs.pop("checkpoint", None)
     if not timm.is_model(name):
@@ -151,7 +142,9 @@ def _load_timm(rest: str) -> Loaded:
     except TypeError as exc:
         raise GraftError(f"timm:{name}: bad constructor argument: {exc}") from None
     if checkpoint:
-        _load_weights_file(model, Path(checkpoint))
+        state = read_weights(checkpoint, "checkpoint", suffixes=None)
+        check_fits(model.state_dict(), state, "checkpoint", checkpoint)
+        model.load_state_dict(state)
     patch_embed = getattr(model, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
     channels = getattr(getattr(patch_embed, "proj", None), "in_channels", 3)
@@ -169,24 +162,6 @@ def _parse_options(options: str, where: str) -> dict:
             raise GraftError(f"{where}: constructor arguments are key=value pairs separated by commas (got {item!r})")
         kwargs[key.strip()] = yaml.safe_load(value)
     return kwargs
-
-
-def _load_weights_file(model: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise GraftError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise GraftError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise GraftError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 # ---------------------------------------------------------------- python:MODULE:FUNCTION
@@ -208,16 +183,16 @@ def _load_python(rest: str) -> Loaded:
     except ImportError as exc:
         raise GraftError(f"python:{rest}: cannot import {module_name!r}: {exc}") from None
     except Exception as exc:  # SyntaxError or any error raised while the module runs
-        raise GraftError(f"python:{rest}: cannot import {module_name!r}: {type(exc).__name__}: "
-                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+        raise GraftError(f"python:{rest}: cannot import {module_name!r}: "
+                         f"{one_line(exc)}") from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise GraftError(f"python:{rest}: {module_name} has no function {func_name!r}")
     try:
         result = func()
     except Exception as exc:
-        raise GraftError(f"python:{rest}: {func_name}() raised {type(exc).__name__}: "
-                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+        raise GraftError(f"python:{rest}: {func_name}() raised "
+                         f"{one_line(exc)}") from None
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise GraftError(f"python:{rest}: {func_name}() must return (model, example_inputs), got {type(result).__name__}")
     model, example = result
@@ -275,7 +250,7 @@ def _from_pretrained(cls, path: Path, **kw):
     try:
         return cls.from_pretrained(str(path), use_safetensors=_has_safetensors(path), **kw)
     except Exception as exc:
-        raise GraftError(f"{path}: cannot load {cls.__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise GraftError(f"{path}: cannot load {cls.__name__}: {one_line(exc)}") from None
 
 
 def _diffusers_inputs(model) -> dict:
@@ -324,8 +299,8 @@ def _load_gguf(folder: Path, name: str) -> Loaded:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
     except Exception as exc:
-        raise GraftError(f"{file}: cannot load a causal LM from it: {type(exc).__name__}: "
-                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+        raise GraftError(f"{file}: cannot load a causal LM from it: "
+                         f"{one_line(exc)}") from None
     return _with_text_inputs(Loaded("", model, family="transformers"), tokenizer, file)
 
 
@@ -336,8 +311,8 @@ def _tokenizer(folder: Path, **kw):
         return AutoTokenizer.from_pretrained(str(folder), **kw)
     except Exception as exc:
         where = folder / kw["gguf_file"] if "gguf_file" in kw else folder
-        raise GraftError(f"{where}: cannot load its tokenizer: {type(exc).__name__}: "
-                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+        raise GraftError(f"{where}: cannot load its tokenizer: "
+                         f"{one_line(exc)}") from None
 
 
 def _with_text_inputs(loaded: Loaded, tokenizer, where: Path) -> Loaded:

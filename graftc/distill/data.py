@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from graftc import text
-from graftc.errors import GraftError
+from graftc.diffusion import guided_eps
+from graftc.errors import GraftError, one_line
+from graftc.files import to_device, weights_hash, write_atomic
 
 SHARD = 256  # samples per cache shard
 
@@ -31,9 +33,7 @@ class Batch:
     target: dict = field(default_factory=dict)  # what the model's own loss needs (noise, token ids)
 
     def to(self, device) -> "Batch":
-        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()},
-                     {k: move(v) for k, v in self.target.items()})
+        return Batch(*to_device((self.args, self.kwargs, self.target), device))
 
     @property
     def size(self) -> int:
@@ -165,8 +165,6 @@ class Task:
         the folder (a lock), so the second one waits and then reads what the first made."""
         from safetensors.torch import save
 
-        from graftc.files import write_atomic
-
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_root(self.data.cache) / "samples" / f"{self.name}-{digest}"
         meta = folder / "meta.json"
@@ -273,8 +271,6 @@ class DiffusionTask(Task):
         return (snr_gamma * (1 - a) / a).clamp(max=1.0).float()
 
     def prepare(self, teacher, log=print) -> None:
-        from graftc.spec import weights_hash
-
         if self.data.images:
             x0, y = self.real_images(teacher)
             self.samples = {"x0": x0, self.label_key: y}
@@ -476,10 +472,8 @@ class DiffusersTask(DiffusionTask):
             inp = scheduler.scale_model_input(x, t)
             tt = torch.full((len(rows),), int(t))
             if guided:  # class-conditional CFG: the null class is the extra embedding row
-                both = {"class_labels": torch.cat([cond["class_labels"], torch.full_like(cond["class_labels"], self.classes)])}
-                eps = self.output(teacher(**self._inputs(torch.cat([inp, inp]), torch.cat([tt, tt]), both)))[:, : self.channels]
-                c, u = eps.chunk(2)
-                eps = u + self.data.cfg_scale * (c - u)
+                eps = guided_eps(lambda x_, t_, y_: self.output(teacher(**self._inputs(x_, t_, {"class_labels": y_})))
+                                 [:, : self.channels], inp, tt, cond["class_labels"], self.classes, self.data.cfg_scale)
             else:
                 eps = self.output(teacher(**self._inputs(inp, tt, cond)))[:, : self.channels]
             x = scheduler.step(eps, t, x).prev_sample
@@ -564,7 +558,7 @@ class TextTask(Task):
                 raise ValueError(f"it has {len(tokenizer)} token(s)")
         except Exception as exc:
             raise GraftError(f"{self.loaded.spec}: no usable tokenizer in the model folder to cut data.text into "
-                             f"tokens ({str(exc).splitlines()[0][:120]})") from None
+                             f"tokens ({one_line(exc, 120)})") from None
         try:
             rows = self.loaded.model.get_input_embeddings().num_embeddings
         except (AttributeError, NotImplementedError):

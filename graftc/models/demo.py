@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graftc.errors import GraftError
+from graftc.errors import GraftError, one_line
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -85,8 +85,7 @@ def _read(path: Path, what: str) -> tuple[dict, dict]:
             meta = dict(f.metadata() or {})
         return load_file(str(path), device="cpu"), meta
     except Exception as e:  # truncated or corrupt file
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise GraftError(f"cannot read {what} weights {path}: {type(e).__name__}: {first}; {_HOW_TO_MAKE}") from None
+        raise GraftError(f"cannot read {what} weights {path}: {one_line(e, 160)}; {_HOW_TO_MAKE}") from None
 
 
 def load_demo_dit(path=None):

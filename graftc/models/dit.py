@@ -8,8 +8,6 @@ pass has no control flow on tensor values, so ``torch.export`` can trace it.
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftc.errors import GraftError
+from graftc.files import check_fits, read_weights
 
 __all__ = [
     "DIT_CONFIGS",
@@ -323,79 +322,10 @@ def example_inputs(model: DiT, batch_size: int = 2, seed: int = 0) -> tuple[torc
     return x.to(device=p.device, dtype=p.dtype), t.to(p.device), y.to(p.device)
 
 
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    # Loader errors can span many lines and carry terminal colour codes; keep the gist.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    first = text[0] if text else ""
-    first = first if len(first) <= limit else first[: limit - 3] + "..."
-    return f"{type(e).__name__}: {first}".rstrip(": ")
-
-
-def _read_state_dict(path: Path) -> dict:
-    suffix = path.suffix.lower()
-    if suffix not in _TORCH_SUFFIXES + (".safetensors",):
-        raise GraftError(
-            f"DiT checkpoint {path}: unsupported file type {suffix or '(none)'!r}; "
-            f"allowed: {', '.join(_TORCH_SUFFIXES + ('.safetensors',))}"
-        )
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            # weights_only: never run arbitrary pickled code from a downloaded file.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or disallowed content
-        raise GraftError(f"cannot read DiT checkpoint {path}: {_one_line(e)}") from None
-
-    # Training checkpoints hold the raw and EMA weights; the EMA weights are the ones to sample with.
-    if isinstance(obj, dict):
-        for key in ("ema", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise GraftError(f"DiT checkpoint {path} holds no state dict (found {type(obj).__name__})")
-    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise GraftError(f"DiT checkpoint {path} is not a state dict: non-tensor entries {_first(not_tensors)}")
-    return obj
-
-
-def _first(items: list, n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 def load_dit_checkpoint(model: DiT, path) -> None:
     """Load official-format DiT weights into ``model`` in place, after checking every key and shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise GraftError(f"DiT checkpoint {path}: no such file")
-    state = _read_state_dict(path)
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} expected {list(expected[k].shape)} found {list(state[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_first(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch {_first(mismatched)}")
-    if problems:
-        raise GraftError(f"DiT checkpoint {path} does not fit the model: " + "; ".join(problems))
-
+    state = read_weights(path, "DiT checkpoint")
+    check_fits(model.state_dict(), state, "DiT checkpoint", path)
     # A model built on the meta device has no storage to copy into: adopt the loaded tensors instead.
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state, strict=True, assign=on_meta)
