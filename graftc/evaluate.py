@@ -658,7 +658,7 @@ def cost(model, loaded) -> dict:
     """Parameters and forward FLOPs at the example inputs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from graftc.rules import rules_by_op
+    from graftc.passes import rules_by_op
 
     rules_by_op()  # loading the operator library changes how attention is counted: count as compile does
     device = next(model.parameters()).device
