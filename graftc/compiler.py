@@ -15,9 +15,9 @@ from torch import fx
 from graftc.errors import GraftError
 from graftc.manager import GraftState, Pass, PassReport, PassResult, run_passes
 from graftc.match import find_regions
+from graftc.passes import rules_by_op
 from graftc.plan import RANKED_STRATEGIES, load_plan, parse_plan, select_regions
 from graftc.region import Region
-from graftc.passes import rules_by_op
 from graftc.rules import set_submodule
 from graftc.site import probe, record_layers
 from graftc.trace import split_inputs, trace

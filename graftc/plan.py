@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from graftc.errors import GraftError
-from graftc.region import Region
 from graftc.passes import rules_by_op
+from graftc.region import Region
 from graftc.rules import Strict
 
 KINDS = ("attention", "mlp", "block", "block_pair")
