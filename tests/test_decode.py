@@ -16,6 +16,7 @@ import torch
 
 import graftc
 from graftc.errors import GraftError
+from graftc.passes import rules_by_op
 from graftc.site import Site
 from tests import zoo
 from tests.helpers import perturb, plan_of, save_and_load
@@ -23,17 +24,20 @@ from tests.helpers import perturb, plan_of, save_and_load
 # past_key_values= (not 5.24's new cache=) works on transformers 5.17 as well, the GPU machine's version
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated")
 
-DECODER_OPS = {
-    "swa-w3": {"op": "swa", "window": 3},  # shorter than the prompts: the sliding cache drops tokens
-    "swa-w64": {"op": "swa", "window": 64},  # covers everything
-    "linear": {"op": "linear"},
-    "linear-elu": {"op": "linear", "feature_map": "elu"},
-    "hyena_x": {"op": "hyena_x"},
-    "hyena_y": {"op": "hyena_y"},
-    "hyena_se": {"op": "hyena_se", "kernel": 3},
-    "mamba2": {"op": "mamba2", "d_state": 8, "head_dim": 8, "chunk": 4},
+RULES = rules_by_op()
+# Every attention operator in the registry that fits any model (so decoders), at its example config, or at these:
+DECODER_VARIANTS = {
+    "swa": {"swa-w3": {"window": 3},  # shorter than the prompts: the sliding cache drops tokens
+            "swa-w64": {"window": 64}},  # covers everything
+    "linear": {"linear": {}, "linear-elu": {"feature_map": "elu"}},
 }
-RANDOM_ONLY = {"mamba2"}
+DECODING = [op for op, rule in RULES.items() if rule.plugs_in and rule.kinds[0] == "attention" and not rule.needs]
+DECODER_OPS = {name: {"op": op, **fields} for op in DECODING
+               for name, fields in DECODER_VARIANTS.get(op, {op: RULES[op].example}).items()}
+RANDOM_ONLY = {op for op, rule in RULES.items() if rule.inits == ("random",)}
+# One operator per pass module (its last: Hyena-SE keeps both of Hyena's conv states), for the slower checks
+ONE_PER_MODULE = [next(iter(DECODER_VARIANTS.get(op, {op: None})))
+                  for op in {RULES[op].build.__module__: op for op in DECODING}.values()]
 FAMILIES = {"llama": lambda depth: zoo.make_llama(depth=depth, heads=4, kv_heads=2),
             "qwen3": lambda depth: zoo.make_qwen3(depth=depth, heads=4, kv_heads=2)}
 
@@ -84,7 +88,7 @@ def test_cached_decode_equals_uncached_and_full_forward(family, op, init):
         assert ((steps - full).abs().max() / scale) < 1e-4
 
 
-@pytest.mark.parametrize("op", ["swa-w3", "linear", "hyena_se", "mamba2"])
+@pytest.mark.parametrize("op", ONE_PER_MODULE)
 def test_every_layer_grafted_decodes_without_any_kv_layer(op):
     """No layer keeps the teacher's KV: the cache's length comes from the grafted layers' own counts."""
     _, model = _graft("qwen3", DECODER_OPS[op], "all", "random", depth=2)
@@ -139,14 +143,9 @@ def test_left_padded_generate_equals_each_prompt_alone(family, op):
     assert (padded[1, 4:] - each[1][0]).abs().max() < 1e-5
 
 
-ENCODER_OPS = {
-    "swa-w2": {"op": "swa", "window": 2},
-    "swa-w64": {"op": "swa", "window": 64},
-    "linear": {"op": "linear"},
-    "hyena_x": {"op": "hyena_x", "init": "random"},
-    "hyena_se": {"op": "hyena_se", "init": "random"},
-    "mamba2": {"op": "mamba2", "d_state": 8, "head_dim": 8, "chunk": 4},
-}
+ENCODER_VARIANTS = {"swa": {"swa-w2": {"window": 2}, "swa-w64": {"window": 64}}}
+ENCODER_OPS = {name: {"op": op, **fields} for op in DECODING
+               for name, fields in ENCODER_VARIANTS.get(op, {op: RULES[op].example}).items()}
 
 
 @pytest.mark.parametrize("op", ENCODER_OPS, ids=list(ENCODER_OPS))
@@ -171,7 +170,7 @@ def test_right_padded_encoder_batch_equals_each_sentence_alone(op):
     assert (padded[1, :4] - each[1][0]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("op", ["swa-w3", "linear", "hyena_se", "mamba2"])
+@pytest.mark.parametrize("op", ONE_PER_MODULE)
 def test_static_cache_decodes_like_no_cache(op):
     """generate(cache_implementation="static"): the teacher's layers keep their static KV, the grafted ones
     their own state, and the masks still span the static slots."""
@@ -191,7 +190,7 @@ def _state_bytes(cache, layer: int) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-@pytest.mark.parametrize("op", ["swa-w3", "linear", "hyena_x", "mamba2"])
+@pytest.mark.parametrize("op", ONE_PER_MODULE)
 def test_grafted_layers_decode_state_does_not_grow_with_context(op):
     from transformers import DynamicCache
 
@@ -231,12 +230,11 @@ def test_artifact_reloads_and_generates_identically_with_layer_types_in_config(t
     assert AutoConfig.from_pretrained(tmp_path / "hf").graftc_layers == layers
 
 
-@pytest.mark.parametrize("replace, fragment", [
-    ({"op": "swa", "window": 4, "causal": False}, "decodes token by token with a cache"),
-    ({"op": "linear", "causal": False}, "decodes token by token with a cache"),
-])
-def test_bidirectional_operator_in_a_decoder_is_refused(replace, fragment):
-    with pytest.raises(GraftError, match=fragment):
+@pytest.mark.parametrize("replace", [  # every operator that can be made bidirectional
+    {"op": op, **rule.example, "causal": False} for op, rule in RULES.items() if "causal" in rule.config.model_fields
+], ids=lambda r: r["op"])
+def test_bidirectional_operator_in_a_decoder_is_refused(replace):
+    with pytest.raises(GraftError, match="decodes token by token with a cache"):
         graftc.compile(zoo.make_llama(), plan_of(({"kind": "attention", "layers": "all"}, replace)),
                        {"input_ids": _prompt(4), "use_cache": False})
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from graftc.cli import main
 from graftc.distill.data import Batch, make_task
+from graftc.passes import rules_by_op
 from graftc.distill.stage2 import LoraLinear
 from graftc.plan import parse_plan
 from graftc.spec import load_model
@@ -79,12 +80,10 @@ def test_stage1_and_stage2_recover_and_report(tmp_path):
     assert torch.isfinite(model(*x)).all()
 
 
-EVERY_OP = {
-    "hyena_x": ("attention", {}), "hyena_y": ("attention", {}), "hyena_se": ("attention", {}),
-    "swa": ("attention", {"window": 2}), "swa2d": ("attention", {"kernel": 3}), "linear": ("attention", {}),
-    "mamba2": ("attention", {"init": "random"}), "self": ("mlp", {"init": "random"}), "mlp": ("mlp", {"ratio": 3}),
-    "mlp_hyena_x": ("mlp", {"init": "random"}), "parallel": ("block_pair", {}),
-}
+# Every operator in the registry at its example config, on the first kind it replaces; `self` re-initialized in an
+# MLP (a copy starts at the teacher: nothing to learn)
+EVERY_OP = {op: (rule.kinds[0], dict(rule.example)) for op, rule in rules_by_op().items()} | {
+    "self": ("mlp", {"init": "random"})}
 
 
 @pytest.mark.parametrize("op", list(EVERY_OP))

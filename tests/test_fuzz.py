@@ -369,11 +369,10 @@ def test_random_grafts_of_every_family_run_keep_shapes_and_round_trip(case, fami
     TALLY[("family grafts", _graft_and_check(families, family, plan, tmp_path_factory))] += 1
 
 
-SMALL = {"hyena_x": {"kernel": 3}, "hyena_y": {"kernel": 3}, "hyena_se": {"kernel": 3}, "mlp_hyena_x": {"kernel": 3},
-         "swa": {"window": 2}, "swa2d": {"kernel": 3}, "mamba2": {"d_state": 8, "head_dim": 8, "chunk": 4},
-         "mlp": {"ratio": 2}}
-# The only misfits: a 2D window needs a token grid (image models), the MLP-side Hyena a bidirectional model.
-EXPECTED_REFUSALS = {"swa2d": {"qwen3-gqa", "llama", "bert"}, "mlp_hyena_x": {"qwen3-gqa", "llama"}}
+# The only misfits are the families that lack what a rule needs (graftc.rules.NEEDS): a token grid (image models),
+# or no decode cache (an MLP-side token mixer gets none in a decoder).
+LACKING = {"grid": {"qwen3-gqa", "llama", "bert"}, "no-cache": {"qwen3-gqa", "llama"}}
+EXPECTED_REFUSALS = {op: set().union(*(LACKING[need] for need in rule.needs)) for op, rule in rules_by_op().items()}
 COVERED = collections.defaultdict(dict)  # op -> family -> outcome
 
 
@@ -384,7 +383,8 @@ def test_every_operator_on_every_family(op, families, tmp_path_factory):
     kind = _first_kind(op)
     for family in FAMILIES:
         plan = parse_plan({"version": 1, "graft": [{"select": {"kind": kind, "layers": [0]},
-                                                    "replace": {"op": op, **SMALL.get(op, {})}}]}, "every-op")
+                                                    "replace": {"op": op, **rules_by_op()[op].example}}]},
+                          "every-op")
         COVERED[op][family] = _graft_and_check(families, family, plan, tmp_path_factory)
         TALLY[("every op x family", COVERED[op][family])] += 1
     print(f"\n{op}: " + ", ".join(f"{f} {o}" for f, o in COVERED[op].items()))
