@@ -9,9 +9,21 @@ from hypothesis import strategies as st
 
 import graftc
 from graftc.artifact import save
+from graftc.passes import rules_by_op
 from graftc.report import artifact_report
 from tests.helpers import leaves
 
+
+def others(covered: set[str]) -> list:
+    """Attention operators in the registry that fit any model and have no strategy of their own here: each at its
+    example config, with any init it allows (a new operator is drawn without editing this file)."""
+    return [st.fixed_dictionaries({"op": st.just(op), **{k: st.just(v) for k, v in rule.example.items()},
+                                   "init": st.sampled_from(rule.inits)})
+            for op, rule in rules_by_op().items()
+            if rule.plugs_in and rule.kinds[0] == "attention" and not rule.needs and op not in covered]
+
+
+DRAWN = {"self", "swa", "linear", "hyena_x", "hyena_y", "hyena_se", "mamba2"}  # by their own strategies below
 ATTENTION_OPS = st.one_of(
     st.fixed_dictionaries({"op": st.just("self"), "init": st.sampled_from(["copy", "random"])}),
     st.fixed_dictionaries({"op": st.just("swa"), "window": st.integers(0, 12),
@@ -20,6 +32,7 @@ ATTENTION_OPS = st.one_of(
     st.fixed_dictionaries({"op": st.sampled_from(["hyena_x", "hyena_y", "hyena_se"]), "kernel": st.integers(1, 5)}),
     st.fixed_dictionaries({"op": st.just("mamba2"), "d_state": st.just(4), "head_dim": st.just(4),
                            "chunk": st.integers(1, 4)}),
+    *others(DRAWN),
 )
 OPS = st.one_of(
     st.fixed_dictionaries({"op": st.just("self"), "init": st.sampled_from(["copy", "random"])}),
@@ -162,6 +175,7 @@ DECODE_OPS = st.one_of(
     st.fixed_dictionaries({"op": st.just("mamba2"), "d_state": st.sampled_from([4, 8]),
                            "head_dim": st.sampled_from([4, 8]), "chunk": st.integers(1, 6)}),
     st.fixed_dictionaries({"op": st.just("self"), "init": st.sampled_from(["copy", "random"])}),
+    *others(DRAWN),
 )
 
 
