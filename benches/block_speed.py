@@ -26,21 +26,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import graftc
 from graftc.models.dit import DiTBlock
+from graftc.passes import rules_by_op
 
-OPS = {
-    "hyena_x": {"op": "hyena_x"},
-    "hyena_y": {"op": "hyena_y"},
-    "hyena_se": {"op": "hyena_se"},
-    "swa": {"op": "swa", "window": 4},
-    "swa2d": {"op": "swa2d", "kernel": 7},
-    "linear": {"op": "linear"},
-    "mamba2": {"op": "mamba2"},
-}
+RULES = rules_by_op()
+OPS = {op: {"op": op} for op, rule in RULES.items() if rule.plugs_in and rule.kinds[0] == "attention"}  # defaults
 
 
 def grafted(block: torch.nn.Module, inputs: tuple, replacement: dict) -> torch.nn.Module:
     replacement = dict(replacement)
-    if replacement["op"] == "swa2d":  # a lone block has no patch embedding to infer its grid from
+    if "grid" in RULES[replacement["op"]].needs:  # a lone block has no patch embedding to infer its grid from
         side = math.isqrt(inputs[0].shape[1])
         replacement["grid"] = [side, side]
     plan = {"version": 1, "graft": [{"select": {"kind": "attention", "layers": "all"}, "replace": replacement}]}
