@@ -25,10 +25,20 @@ MAX_FUNCTION_LEVEL = 10
 
 
 def package_dirs() -> dict[str, Path]:
-    """Package name -> folder, as pyproject's package-dir maps them (graftc.passes lives in passes/)."""
+    """Package name -> folder, as setuptools maps them: by the longest prefix package-dir names (graftc.passes lives
+    in passes/, graftc.kernels.hyena in kernels/hyena/)."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    dirs = {name: ROOT / folder for name, folder in config.get("package-dir", {}).items()}
-    return {name: dirs.get(name, ROOT / name.replace(".", "/")) for name in config["packages"]}
+    dirs = config.get("package-dir", {})
+
+    def folder(name: str) -> Path:
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in dirs:
+                return ROOT / dirs[prefix] / "/".join(parts[cut:])
+        return ROOT / "/".join(parts)
+
+    return {name: folder(name) for name in config["packages"]}
 
 
 def modules() -> dict[str, Path]:
@@ -100,6 +110,11 @@ def test_graph_is_read_from_the_package_folders():
     relative import), so that an empty or misread graph cannot pass the checks below."""
     graph, _ = import_graph()
     assert {"graftc.cli", "graftc.passes", "graftc.passes.common", "graftc.kernels"} <= set(graph)
+    assert all(path.is_file() for path in modules().values())
+    dirs = package_dirs()  # a sub-package missing from pyproject's packages would be left out here (and not installed)
+    unlisted = [f"{package}.{init.parent.name}" for package, folder in dirs.items() for init in folder.glob("*/__init__.py")
+                if f"{package}.{init.parent.name}" not in dirs]
+    assert not unlisted, f"packages missing from pyproject's [tool.setuptools] packages: {unlisted}"
     assert graph.has_edge("graftc.cli", "graftc.errors")
     assert any(target.startswith("graftc.kernels") for target in graph.successors("graftc.passes.hyena"))
     tree = ast.parse("from . import common\nfrom .. import rules\nfrom .common import x\n")
