@@ -1,8 +1,8 @@
 """Hyena gated short conv: Triton kernels and the compiled CPU path against the naive reference.
 
 Error measure: relative RMS error rms(a - b) / rms(b) against the reference evaluated in float64.
-Bounds: fp32 paths < 1e-5 (measured ~1e-7 to 5e-7: a few fp32 roundings per output); bf16 < 1e-2 (8-bit mantissa).
-Without a GPU the Triton kernels run in the interpreter (fp32 only, ~0.1 ms per op and program): shapes stay
+Bounds: fp32 paths < 1e-5 (far above a few fp32 roundings per output); bf16 < 1e-2 (8-bit mantissa).
+Without a GPU the Triton kernels run in the interpreter (fp32 only, slow per op and program): shapes stay
 small and the launch config uses 128 x 128 tiles, so L = 300 and D = 160 leave partial tiles in both dims.
 """
 import os
@@ -44,8 +44,7 @@ SHAPES = [
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These tensors are small: intra-op threads cost more than they save, and on a busy machine far more
-    (a 0.1 ms op took 10-40 ms with 2 threads on a loaded 2-core box)."""
+    """These tensors are small: intra-op threads cost more than they save, and on a busy machine far more."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -120,7 +119,7 @@ def test_cpu_path_bf16(variant):
 
 
 def test_cpu_path_compiled():
-    """Compiled, on the variant with both convs and the bias (5-30 s: Inductor builds C++ code)."""
+    """Compiled, on the variant with both convs and the bias (slow: Inductor builds C++ code)."""
     assert_matches_reference(hyena_conv_cpu, make_inputs("SE", *PARTIAL_TILES, device="cpu"), FP32_BOUND)
     assert not shifted.compiled_forward.failed and not shifted.compiled_backward.failed
 

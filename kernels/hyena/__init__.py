@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import torch
 from torch import Tensor
 
 from graftc.kernels.family import Family
@@ -66,7 +67,7 @@ def _run_backward(path: _Path, grad, u, feat_weight, feat_bias, inner_weight):
 
 
 def _fake_backward(grad, u, feat_weight, feat_bias, inner_weight):
-    return tuple(u.new_empty(0) if w is None else w.new_empty(w.shape) for w in (u, feat_weight, feat_bias, inner_weight))
+    return tuple(u.new_empty(0) if w is None else torch.empty_like(w) for w in (u, feat_weight, feat_bias, inner_weight))
 
 
 _SCHEMA = "Tensor u, Tensor? feat_weight, Tensor? feat_bias, Tensor? inner_weight"
