@@ -25,45 +25,77 @@ def _jit(kernel):
 
 
 @_jit
+def _program(HEIGHT, WIDTH, D, OWN_Y: tl.constexpr, OWN_X: tl.constexpr):
+    """This program's rectangle: its first cell (y0, x0), and where its (batch, head) starts in [.., N, D] and
+    in [.., N]."""
+    tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tiles_x = tl.cdiv(WIDTH, OWN_X)
+    return (tile // tiles_x) * OWN_Y, (tile % tiles_x) * OWN_X, bh * HEIGHT * WIDTH * D, bh * HEIGHT * WIDTH
+
+
+@_jit
+def _cells(y0, x0, y_end, x_end, WIDTH, D, base, SIZE_Y: tl.constexpr, SIZE_X: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """The SIZE_Y x SIZE_X cells from (y0, x0): their coordinates, which lie before (y_end, x_end), and their
+    elements' offsets [cells, BLOCK_D] with the mask to load them by."""
+    cell = tl.arange(0, SIZE_Y * SIZE_X)
+    y, x = y0 + cell // SIZE_X, x0 + cell % SIZE_X
+    inside = (y < y_end) & (x < x_end)
+    dim = tl.arange(0, BLOCK_D)
+    return y, x, inside, base + (y * WIDTH + x)[:, None] * D + dim[None, :], inside[:, None] & (dim < D)[None, :]
+
+
+@_jit
+def _halo(y0, x0, HEIGHT, WIDTH, RY, RX, OWN_Y: tl.constexpr, OWN_X: tl.constexpr, CAUSAL: tl.constexpr,
+          OWN_KEYS: tl.constexpr):
+    """The cells the rectangle at (y0, x0) meets: rows y_lo..y_hi, columns x_lo..x_hi (exclusive). The window is
+    symmetric, so the keys its queries see and the queries that see its keys (OWN_KEYS) share one halo, but for a
+    causal window (one row, RY = 0): keys up to the rectangle's right edge, queries from its left edge."""
+    y_lo, y_hi = tl.maximum(y0 - RY, 0), tl.minimum(y0 + OWN_Y + RY, HEIGHT)
+    x_lo, x_hi = tl.maximum(x0 - RX, 0), tl.minimum(x0 + OWN_X + RX, WIDTH)
+    if CAUSAL:
+        if OWN_KEYS:
+            x_lo = x0
+        else:
+            x_hi = tl.minimum(x_hi, x0 + OWN_X)
+    return y_lo, y_hi, x_lo, x_hi
+
+
+@_jit
+def _seen(qy, qx, ky, kx, RY, RX, CAUSAL: tl.constexpr):
+    """[queries, keys]: whether each query's window holds each key."""
+    seen = (tl.abs(qy[:, None] - ky[None, :]) <= RY) & (tl.abs(qx[:, None] - kx[None, :]) <= RX)
+    if CAUSAL:
+        seen = seen & (kx[None, :] <= qx[:, None])
+    return seen
+
+
+@_jit
+def _load2(A, B, offsets, mask):
+    """The same elements of two tensors (keys and values, or queries and their output gradients), in fp32."""
+    a = tl.load(A + offsets, mask=mask, other=0.0).to(tl.float32)
+    return a, tl.load(B + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@_jit
 def _local_fwd_kernel(Q, K, V, O, LSE, scale, HEIGHT, WIDTH, RY, RX, D,
                       CAUSAL: tl.constexpr, OWN_Y: tl.constexpr, OWN_X: tl.constexpr,
                       VIS_Y: tl.constexpr, VIS_X: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    tiles_x = tl.cdiv(WIDTH, OWN_X)
-    y0, x0 = (tile // tiles_x) * OWN_Y, (tile % tiles_x) * OWN_X
-    base = bh.to(tl.int64) * HEIGHT * WIDTH * D
-
-    own = tl.arange(0, OWN_Y * OWN_X)
-    qy, qx = y0 + own // OWN_X, x0 + own % OWN_X
-    q_in = (qy < HEIGHT) & (qx < WIDTH)
-    dim = tl.arange(0, BLOCK_D)
-    d_in = dim < D
-    q_ptrs = base + (qy * WIDTH + qx)[:, None] * D + dim[None, :]
-    q = tl.load(Q + q_ptrs, mask=q_in[:, None] & d_in[None, :], other=0.0).to(tl.float32)
+    y0, x0, base, row_base = _program(HEIGHT, WIDTH, D, OWN_Y, OWN_X)
+    qy, qx, q_in, q_ptrs, q_mask = _cells(y0, x0, HEIGHT, WIDTH, WIDTH, D, base, OWN_Y, OWN_X, BLOCK_D)
+    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
 
     # Finite start for the running max: a tile that masks a whole row then gives exp(-inf - m) = 0, not NaN.
     m = tl.full([OWN_Y * OWN_X], -1e30, tl.float32)
     total = tl.zeros([OWN_Y * OWN_X], tl.float32)
     acc = tl.zeros([OWN_Y * OWN_X, BLOCK_D], tl.float32)
 
-    y_lo, y_hi = tl.maximum(y0 - RY, 0), tl.minimum(y0 + OWN_Y + RY, HEIGHT)
-    x_lo, x_hi = tl.maximum(x0 - RX, 0), tl.minimum(x0 + OWN_X + RX, WIDTH)
-    if CAUSAL:  # keys share the query's row (RY = 0), so none right of the tile is seen
-        x_hi = tl.minimum(x_hi, x0 + OWN_X)
-    vis = tl.arange(0, VIS_Y * VIS_X)
+    y_lo, y_hi, x_lo, x_hi = _halo(y0, x0, HEIGHT, WIDTH, RY, RX, OWN_Y, OWN_X, CAUSAL, False)
     for ky0 in range(y_lo, y_hi, VIS_Y):
         for kx0 in range(x_lo, x_hi, VIS_X):
-            ky, kx = ky0 + vis // VIS_X, kx0 + vis % VIS_X
-            k_in = (ky < y_hi) & (kx < x_hi)
-            k_ptrs = base + (ky * WIDTH + kx)[:, None] * D + dim[None, :]
-            kv_mask = k_in[:, None] & d_in[None, :]
-            k = tl.load(K + k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-
-            seen = (tl.abs(qy[:, None] - ky[None, :]) <= RY) & (tl.abs(qx[:, None] - kx[None, :]) <= RX)
-            seen = seen & k_in[None, :]
-            if CAUSAL:
-                seen = seen & (kx[None, :] <= qx[:, None])
+            ky, kx, k_in, k_ptrs, kv_mask = _cells(ky0, kx0, y_hi, x_hi, WIDTH, D, base, VIS_Y, VIS_X, BLOCK_D)
+            k, v = _load2(K, V, k_ptrs, kv_mask)
+            seen = _seen(qy, qx, ky, kx, RY, RX, CAUSAL) & k_in[None, :]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -74,51 +106,27 @@ def _local_fwd_kernel(Q, K, V, O, LSE, scale, HEIGHT, WIDTH, RY, RX, D,
             m = m_new
 
     total = tl.where(q_in, total, 1.0)  # padding rows saw nothing; keep them finite (they are not stored)
-    tl.store(O + q_ptrs, (acc / total[:, None]).to(O.dtype.element_ty), mask=q_in[:, None] & d_in[None, :])
-    tl.store(LSE + bh.to(tl.int64) * HEIGHT * WIDTH + qy * WIDTH + qx, m + tl.log(total), mask=q_in)
+    tl.store(O + q_ptrs, (acc / total[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + row_base + qy * WIDTH + qx, m + tl.log(total), mask=q_in)
 
 
 @_jit
 def _local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, HEIGHT, WIDTH, RY, RX, D,
                      CAUSAL: tl.constexpr, OWN_Y: tl.constexpr, OWN_X: tl.constexpr,
                      VIS_Y: tl.constexpr, VIS_X: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    tiles_x = tl.cdiv(WIDTH, OWN_X)
-    y0, x0 = (tile // tiles_x) * OWN_Y, (tile % tiles_x) * OWN_X
-    base = bh.to(tl.int64) * HEIGHT * WIDTH * D
-    row_base = bh.to(tl.int64) * HEIGHT * WIDTH
-
-    own = tl.arange(0, OWN_Y * OWN_X)
-    qy, qx = y0 + own // OWN_X, x0 + own % OWN_X
-    q_in = (qy < HEIGHT) & (qx < WIDTH)
-    dim = tl.arange(0, BLOCK_D)
-    d_in = dim < D
-    q_ptrs = base + (qy * WIDTH + qx)[:, None] * D + dim[None, :]
-    q_mask = q_in[:, None] & d_in[None, :]
-    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + row_base + qy * WIDTH + qx, mask=q_in, other=0.0)
-    delta = tl.load(DELTA + row_base + qy * WIDTH + qx, mask=q_in, other=0.0)
+    y0, x0, base, row_base = _program(HEIGHT, WIDTH, D, OWN_Y, OWN_X)
+    qy, qx, q_in, q_ptrs, q_mask = _cells(y0, x0, HEIGHT, WIDTH, WIDTH, D, base, OWN_Y, OWN_X, BLOCK_D)
+    q, do = _load2(Q, DO, q_ptrs, q_mask)
+    rows = row_base + qy * WIDTH + qx
+    lse, delta = tl.load(LSE + rows, mask=q_in, other=0.0), tl.load(DELTA + rows, mask=q_in, other=0.0)
     dq = tl.zeros([OWN_Y * OWN_X, BLOCK_D], tl.float32)
 
-    y_lo, y_hi = tl.maximum(y0 - RY, 0), tl.minimum(y0 + OWN_Y + RY, HEIGHT)
-    x_lo, x_hi = tl.maximum(x0 - RX, 0), tl.minimum(x0 + OWN_X + RX, WIDTH)
-    if CAUSAL:
-        x_hi = tl.minimum(x_hi, x0 + OWN_X)
-    vis = tl.arange(0, VIS_Y * VIS_X)
+    y_lo, y_hi, x_lo, x_hi = _halo(y0, x0, HEIGHT, WIDTH, RY, RX, OWN_Y, OWN_X, CAUSAL, False)
     for ky0 in range(y_lo, y_hi, VIS_Y):
         for kx0 in range(x_lo, x_hi, VIS_X):
-            ky, kx = ky0 + vis // VIS_X, kx0 + vis % VIS_X
-            k_in = (ky < y_hi) & (kx < x_hi)
-            k_ptrs = base + (ky * WIDTH + kx)[:, None] * D + dim[None, :]
-            kv_mask = k_in[:, None] & d_in[None, :]
-            k = tl.load(K + k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-
-            seen = (tl.abs(qy[:, None] - ky[None, :]) <= RY) & (tl.abs(qx[:, None] - kx[None, :]) <= RX)
-            seen = seen & k_in[None, :] & q_in[:, None]
-            if CAUSAL:
-                seen = seen & (kx[None, :] <= qx[:, None])
+            ky, kx, k_in, k_ptrs, kv_mask = _cells(ky0, kx0, y_hi, x_hi, WIDTH, D, base, VIS_Y, VIS_X, BLOCK_D)
+            k, v = _load2(K, V, k_ptrs, kv_mask)
+            seen = _seen(qy, qx, ky, kx, RY, RX, CAUSAL) & k_in[None, :] & q_in[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -132,46 +140,20 @@ def _local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, HEIGHT, WIDTH, RY, RX, 
 def _local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, HEIGHT, WIDTH, RY, RX, D,
                        CAUSAL: tl.constexpr, OWN_Y: tl.constexpr, OWN_X: tl.constexpr,
                        VIS_Y: tl.constexpr, VIS_X: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    tiles_x = tl.cdiv(WIDTH, OWN_X)
-    y0, x0 = (tile // tiles_x) * OWN_Y, (tile % tiles_x) * OWN_X
-    base = bh.to(tl.int64) * HEIGHT * WIDTH * D
-    row_base = bh.to(tl.int64) * HEIGHT * WIDTH
-
-    own = tl.arange(0, OWN_Y * OWN_X)
-    ky, kx = y0 + own // OWN_X, x0 + own % OWN_X
-    k_in = (ky < HEIGHT) & (kx < WIDTH)
-    dim = tl.arange(0, BLOCK_D)
-    d_in = dim < D
-    k_ptrs = base + (ky * WIDTH + kx)[:, None] * D + dim[None, :]
-    k_mask = k_in[:, None] & d_in[None, :]
-    k = tl.load(K + k_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-    v = tl.load(V + k_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+    y0, x0, base, row_base = _program(HEIGHT, WIDTH, D, OWN_Y, OWN_X)
+    ky, kx, k_in, k_ptrs, k_mask = _cells(y0, x0, HEIGHT, WIDTH, WIDTH, D, base, OWN_Y, OWN_X, BLOCK_D)
+    k, v = _load2(K, V, k_ptrs, k_mask)
     dk = tl.zeros([OWN_Y * OWN_X, BLOCK_D], tl.float32)
     dv = tl.zeros([OWN_Y * OWN_X, BLOCK_D], tl.float32)
 
-    # The queries that see this tile's keys: the same halo (the window is symmetric), or only those at or after
-    # the keys when causal.
-    y_lo, y_hi = tl.maximum(y0 - RY, 0), tl.minimum(y0 + OWN_Y + RY, HEIGHT)
-    x_lo, x_hi = tl.maximum(x0 - RX, 0), tl.minimum(x0 + OWN_X + RX, WIDTH)
-    if CAUSAL:
-        x_lo = x0
-    vis = tl.arange(0, VIS_Y * VIS_X)
+    y_lo, y_hi, x_lo, x_hi = _halo(y0, x0, HEIGHT, WIDTH, RY, RX, OWN_Y, OWN_X, CAUSAL, True)
     for qy0 in range(y_lo, y_hi, VIS_Y):
         for qx0 in range(x_lo, x_hi, VIS_X):
-            qy, qx = qy0 + vis // VIS_X, qx0 + vis % VIS_X
-            q_in = (qy < y_hi) & (qx < x_hi)
-            q_ptrs = base + (qy * WIDTH + qx)[:, None] * D + dim[None, :]
-            q_mask = q_in[:, None] & d_in[None, :]
-            q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-            do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-            lse = tl.load(LSE + row_base + qy * WIDTH + qx, mask=q_in, other=0.0)
-            delta = tl.load(DELTA + row_base + qy * WIDTH + qx, mask=q_in, other=0.0)
-
-            seen = (tl.abs(qy[:, None] - ky[None, :]) <= RY) & (tl.abs(qx[:, None] - kx[None, :]) <= RX)
-            seen = seen & q_in[:, None] & k_in[None, :]
-            if CAUSAL:
-                seen = seen & (kx[None, :] <= qx[:, None])
+            qy, qx, q_in, q_ptrs, q_mask = _cells(qy0, qx0, y_hi, x_hi, WIDTH, D, base, VIS_Y, VIS_X, BLOCK_D)
+            q, do = _load2(Q, DO, q_ptrs, q_mask)
+            rows = row_base + qy * WIDTH + qx
+            lse, delta = tl.load(LSE + rows, mask=q_in, other=0.0), tl.load(DELTA + rows, mask=q_in, other=0.0)
+            seen = _seen(qy, qx, ky, kx, RY, RX, CAUSAL) & q_in[:, None] & k_in[None, :]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [visited queries, own keys]
             p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p), do, input_precision=PRECISION)
