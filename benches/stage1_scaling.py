@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import graftc
 from graftc.distill.data import Batch
 from graftc.distill.parallel import World
-from graftc.distill.stage1 import Stage1, build_nodes
+from graftc.distill.stage1 import Stage1Trainer, build_nodes
 from graftc.models.dit import build_dit, example_inputs
 from graftc.plan import parse_plan
 
@@ -58,11 +58,11 @@ def setup(spec: dict, k: int):
     inputs = example_inputs(teacher, batch_size=spec["batch"])
     rewrites = graftc.compile(student, plan, inputs).rewrites
     nodes = build_nodes(student, rewrites[:k], plan.distill.stage1)
-    runner = Stage1(teacher, student, nodes, FixedTask(Batch(inputs, {})), plan.distill.stage1, World())
+    runner = Stage1Trainer(teacher, student, nodes, FixedTask(Batch(inputs, {})), plan.distill.stage1, World())
     return runner, len(rewrites), inputs
 
 
-def one_step(runner: Stage1, step: int) -> float:
+def one_step(runner: Stage1Trainer, step: int) -> float:
     begin = time.perf_counter()
     for n in runner.nodes:
         n.pending = 0.0

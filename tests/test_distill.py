@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from graftc.cli import main
 from graftc.distill.data import Batch, make_task
-from graftc.distill.stage2 import LoraLinear
+from graftc.distill.stage2 import add_lora
 from graftc.passes import rules_by_op
 from graftc.plan import parse_plan
 from graftc.spec import load_model
@@ -224,7 +224,7 @@ def test_min_snr_weights_scale_each_samples_stage2_loss(objective):
     """Stage 2 with snr_gamma: the loss is the mean over samples of min(1, gamma / SNR(t)) times the sample's own
     mean squared error; on a batch holding near-clean timesteps that differs from the unweighted loss."""
     from graftc.distill.parallel import World
-    from graftc.distill.stage2 import Stage2
+    from graftc.distill.stage2 import Stage2Trainer
     from tests.helpers import perturb
 
     loaded = load_model("demo:tiny-dit")
@@ -237,7 +237,7 @@ def test_min_snr_weights_scale_each_samples_stage2_loss(objective):
     batch = Batch((x, t, torch.arange(6)), {}, {"noise": noise, "t": t})
     cfg = parse_plan({"version": 1, "distill": {"stage2": {"objective": objective, "snr_gamma": 5.0}}}).distill.stage2
     names = {n for n, _ in student.named_parameters()}
-    got = Stage2(teacher, student, task, cfg, World(), set(), names).loss(batch)
+    got = Stage2Trainer(teacher, student, task, cfg, World(), set(), names).loss(batch)
     with torch.no_grad():
         out = student(*batch.args)
         target = noise if objective == "diffusion" else teacher(*batch.args)
@@ -250,12 +250,15 @@ def test_min_snr_weights_scale_each_samples_stage2_loss(objective):
 
 
 def test_lora_merge_matches_the_adapter():
-    base = torch.nn.Linear(6, 5)
-    lora = LoraLinear(base, rank=2, alpha=4.0)
-    torch.nn.init.normal_(lora.lora_b)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Sequential(torch.nn.Linear(5, 5)))
+    lora = add_lora(model, {"1"}, rank=2, alpha=4.0)  # "1": a new node, trained fully
+    torch.nn.init.normal_(model[0].lora_B["default"].weight)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {"0.lora_A.default.weight", "0.lora_B.default.weight", "1.0.weight", "1.0.bias"}
     x = torch.randn(3, 6)
-    expected = lora(x)
-    torch.testing.assert_close(lora.merged()(x), expected)
+    expected = model(x)
+    torch.testing.assert_close(lora.merge_and_unload()(x), expected)
+    assert type(model[0]) is torch.nn.Linear  # the model's own structure again
 
 
 def test_stage2_lora_trains_adapters_and_merges(tmp_path):
@@ -508,11 +511,11 @@ def test_stage2_schedules():
     """Linear warmup, then constant (the method's) or a cosine decay reaching 0 at the last step."""
     from types import SimpleNamespace
 
-    from graftc.distill.stage2 import Stage2
+    from graftc.distill.stage2 import Stage2Trainer
 
     def lrs(**fields):
         cfg = parse_plan({"version": 1, "distill": {"stage2": {"steps": 11, "lr": 1.0, "warmup": 2, **fields}}}).distill.stage2
-        return [Stage2.lr_at(SimpleNamespace(cfg=cfg), step) for step in range(11)]
+        return [Stage2Trainer.lr_at(SimpleNamespace(cfg=cfg), step) for step in range(11)]
 
     assert lrs() == [0.5, 1.0] + [1.0] * 9
     cosine = lrs(schedule="cosine")

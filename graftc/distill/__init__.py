@@ -21,9 +21,11 @@ from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import DiffusionTask, make_task
 from graftc.distill.logs import Scalars, plot_losses
 from graftc.distill.parallel import world as get_world
-from graftc.distill.stage1 import Stage1, build_nodes
-from graftc.distill.stage2 import Stage2
+from graftc.distill.stage1 import Stage1Trainer, build_nodes
+from graftc.distill.stage2 import Stage2Trainer
 from graftc.errors import GraftError
+from graftc.files import weights_hash
+from graftc.plan import dump_plan
 
 
 @dataclass
@@ -60,8 +62,6 @@ class _Checkpoint:
 
 def fingerprint(plan, seed: int, spec: str, weights: str) -> dict:
     """What a checkpoint is made from; --resume continues only a checkpoint made from the same."""
-    from graftc.plan import dump_plan
-
     return {"plan": hashlib.sha256(dump_plan(plan).encode()).hexdigest()[:16], "model": spec,
             "weights": weights[:16], "seed": seed}
 
@@ -103,8 +103,6 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
 
     @functools.cache
     def made_from() -> dict:  # hashing the weights waits until a checkpoint needs it (sweeps may save none)
-        from graftc.spec import weights_hash
-
         return fingerprint(plan, seed, loaded.spec, base_hash or weights_hash(teacher))
 
     state = ckpt.load(workdir) if resume and w.main else None
@@ -147,7 +145,7 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
     if cfg.stage1 is not None and meta["stage"] in (None, "stage1"):
         begin = time.perf_counter()
         nodes = build_nodes(student, rewrites, cfg.stage1)
-        runner = Stage1(teacher, student, nodes, task, cfg.stage1, w)
+        runner = Stage1Trainer(teacher, student, nodes, task, cfg.stage1, w)
         step = 0
         if meta["stage"] == "stage1":
             runner.restore(tensors, meta["state"])
@@ -174,7 +172,7 @@ def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict]
         begin = time.perf_counter()
         new_modules = {fqn for r in rewrites for fqn in r["region"]["cover"]}
         student.requires_grad_(True)
-        runner = Stage2(teacher, student, task, cfg.stage2, w, new_modules, trainable)
+        runner = Stage2Trainer(teacher, student, task, cfg.stage2, w, new_modules, trainable)
         saver.stage, saver.runner = "stage2", runner
         saver.carry = {"quality": quality, "seconds": timings, "stage1": summary["stage1"], "history1": history["stage1"]}
         step = 0

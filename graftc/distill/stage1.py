@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import Batch, Task, first_tensor, real_tokens
+from graftc.distill.logs import Progress
 from graftc.distill.parallel import World
 
 LOSSES = {
@@ -111,7 +113,7 @@ def build_nodes(student: nn.Module, rewrites: list[dict], cfg) -> list[Node]:
     return nodes
 
 
-class Stage1:
+class Stage1Trainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, nodes: list[Node], task: Task, cfg, world: World):
         self.teacher, self.student, self.nodes, self.task, self.cfg, self.world = teacher, student, nodes, task, cfg, world
         self.val = task.val_batches(cfg.batch_size)
@@ -182,8 +184,6 @@ class Stage1:
 
     # -- the loop ------------------------------------------------------------------
     def run(self, start: int, checkpoint, scalars, progress: bool = True) -> None:
-        from graftc.distill.logs import Progress
-
         total = max((n.steps for n in self.nodes), default=0)
         if start == 0 and not any(n.val for n in self.nodes):  # the starting point (unless resumed at step 0):
             self.evaluate([n for n in self.nodes if n.status == "running"], 0)  # validation loss, first "best"
@@ -243,8 +243,6 @@ class Stage1:
 
     # -- checkpoint state ----------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
-        from graftc.distill.checkpoint import optimizer_tensors
-
         tensors, meta = {}, []
         for i, n in enumerate(self.nodes):
             for j, p in enumerate(n.params):
@@ -252,21 +250,19 @@ class Stage1:
             for j, b in enumerate(n.best):
                 tensors[f"s1.{i}.best.{j}"] = b
             if n.optimizer is not None:
-                tensors.update(optimizer_tensors(n.optimizer, f"s1.{i}.opt"))
+                tensors.update(ckpt.optimizer_tensors(n.optimizer, f"s1.{i}.opt"))
             meta.append({k: getattr(n, k) for k in ("status", "message", "steps_run", "train", "val", "best_val",
                                                     "best_step", "bad_evals")})
         return tensors, {"nodes": meta}
 
     def restore(self, tensors: dict, state: dict) -> None:
-        from graftc.distill.checkpoint import load_optimizer
-
         for i, (n, meta) in enumerate(zip(self.nodes, state["nodes"])):
             with torch.no_grad():
                 for j, p in enumerate(n.params):
                     p.copy_(tensors[f"s1.{i}.param.{j}"])
             n.best = [tensors[f"s1.{i}.best.{j}"].to(p.device) for j, p in enumerate(n.params) if f"s1.{i}.best.{j}" in tensors]
             if n.optimizer is not None:
-                load_optimizer(n.optimizer, tensors, f"s1.{i}.opt")
+                ckpt.load_optimizer(n.optimizer, tensors, f"s1.{i}.opt")
             for k, v in meta.items():
                 setattr(n, k, v)
 

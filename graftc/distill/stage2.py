@@ -3,76 +3,52 @@
 Objectives: `distill` (match the frozen teacher's outputs; KL over next-token distributions for language
 models), the model's own loss (`diffusion`: noise prediction; `lm`: next token), or a weighted sum. AdamW with
 linear warmup then a constant rate (the method's) or a cosine decay, gradient clipping, an EMA of the weights (the EMA is what is saved), bf16
-autocast on CUDA. Full fine-tuning, or LoRA: low-rank updates of the Linears outside the rewritten nodes
-(the new operators train fully), merged back into the Linears at the end so the artifact keeps the model's
-own structure. Under torchrun the model is wrapped in DistributedDataParallel and each rank takes its slice of
+autocast on CUDA. Full fine-tuning, or LoRA (peft): low-rank updates of the Linears outside the rewritten
+nodes (the new operators train fully), merged back into the Linears at the end so the artifact keeps the
+model's own structure. Under torchrun the model is wrapped in DistributedDataParallel and each rank takes its slice of
 the batch.
 """
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import torch
 from torch import nn
 
+from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import Task, generator, real_tokens
+from graftc.distill.logs import Progress
 from graftc.distill.parallel import World
 from graftc.errors import GraftError
 
-
-class LoraLinear(nn.Module):
-    """y = base(x) + (alpha / rank) * x A^T B^T with B starting at zero, so training starts at the base model."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        base.requires_grad_(False)
-
-    @property
-    def weight(self) -> torch.Tensor:  # model code may read a Linear's weight (e.g. for its dtype)
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
-
-    def merged(self) -> nn.Linear:
-        with torch.no_grad():
-            self.base.weight += (self.lora_b @ self.lora_a) * self.scale
-        return self.base
+# A tied LM head's update is merged into the matrix it shares with the embedding, so the two stay tied (the
+# artifact stores the model's own structure); peft's warnings about tied layers do not apply.
+warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True", module="peft")
 
 
-def add_lora(model: nn.Module, keep_full: set[str], rank: int, alpha: float) -> list[str]:
-    """Wrap every Linear outside the `keep_full` module paths; everything else except the new nodes is frozen."""
-    from graftc.rules import set_submodule
-
+def add_lora(model: nn.Module, keep_full: set[str], rank: int, alpha: float):
+    """peft's LoRA on every Linear outside the `keep_full` module paths, which train fully; everything else is
+    frozen. Returns peft's LoraModel (its `merge_and_unload` folds the updates back into the Linears), or None
+    where every Linear is inside `keep_full`."""
     model.requires_grad_(False)
-    wrapped = []
-    for fqn, module in list(model.named_modules()):
-        inside = any(fqn == k or fqn.startswith(k + ".") for k in keep_full)
-        if isinstance(module, nn.Linear) and not inside:
-            set_submodule(model, fqn, LoraLinear(module, rank, alpha))
-            wrapped.append(fqn)
+    targets = [fqn for fqn, module in model.named_modules() if isinstance(module, nn.Linear)
+               and not any(fqn == k or fqn.startswith(k + ".") for k in keep_full)]
+    lora = None
+    if targets:
+        from peft import LoraConfig, LoraModel  # imports transformers: only for a LoRA run
+
+        # a pattern of the exact paths: peft's list form would also match any module whose path ends with one
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                            target_modules="|".join(re.escape(fqn) for fqn in targets))
+        lora = LoraModel(model, config, "default")  # wraps the Linears in place; the model stays the same object
     for k in keep_full:
         model.get_submodule(k).requires_grad_(True)
-    return wrapped
+    return lora
 
 
-def merge_lora(model: nn.Module, wrapped: list[str]) -> None:
-    from graftc.rules import set_submodule
-
-    for fqn in wrapped:
-        set_submodule(model, fqn, model.get_submodule(fqn).merged())
-
-
-class Stage2:
+class Stage2Trainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, task: Task, cfg, world: World, new_modules: set[str],
                  trainable: set[str]):
         self.teacher, self.student, self.task, self.cfg, self.world = teacher, student, task, cfg, world
@@ -82,7 +58,7 @@ class Stage2:
                 own = task.own_objective or "none"
                 raise GraftError(f"distill.stage2.objective: '{name}' is not this model's own loss (it has: {own}); "
                                  "use distill")
-        self.lora = add_lora(student, new_modules, cfg.lora.rank, cfg.lora.alpha) if cfg.lora else []
+        self.lora = add_lora(student, new_modules, cfg.lora.rank, cfg.lora.alpha) if cfg.lora else None
         if not cfg.lora:  # full fine-tuning of what was trainable in the teacher (frozen tables stay frozen)
             for name, p in student.named_parameters():
                 p.requires_grad_(name in trainable or any(name.startswith(m + ".") for m in new_modules))
@@ -127,8 +103,6 @@ class Stage2:
         return total
 
     def run(self, start: int, checkpoint, scalars, progress: bool = True) -> None:
-        from graftc.distill.logs import Progress
-
         self.student.train()
         shown = Progress("stage 2", self.cfg.steps, start, enabled=progress and self.world.main)
         for step in range(start, self.cfg.steps):
@@ -171,26 +145,23 @@ class Stage2:
         with torch.no_grad():
             for e, p in zip(self.ema, self.params):
                 p.copy_(e)
-        merge_lora(self.student, self.lora)
-        self.lora = []
+        if self.lora is not None:
+            self.lora.merge_and_unload()
+            self.lora = None
         self.student.eval()
 
     # -- checkpoint state ----------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
-        from graftc.distill.checkpoint import optimizer_tensors
-
         tensors = {f"s2.model.{k}": v for k, v in self.student.state_dict().items()}
         tensors.update({f"s2.ema.{i}": e for i, e in enumerate(self.ema)})
-        tensors.update(optimizer_tensors(self.optimizer, "s2.opt"))
+        tensors.update(ckpt.optimizer_tensors(self.optimizer, "s2.opt"))
         return tensors, {"curve": self.curve, "skipped": self.skipped}
 
     def restore(self, tensors: dict, state: dict) -> None:
-        from graftc.distill.checkpoint import load_optimizer
-
         self.student.load_state_dict({k[len("s2.model."):]: v for k, v in tensors.items() if k.startswith("s2.model.")})
         with torch.no_grad():
             for i, e in enumerate(self.ema):
                 e.copy_(tensors[f"s2.ema.{i}"])
         if any(k.startswith("s2.opt.") for k in tensors):
-            load_optimizer(self.optimizer, tensors, "s2.opt")
+            ckpt.load_optimizer(self.optimizer, tensors, "s2.opt")
         self.curve, self.skipped = state.get("curve", []), state.get("skipped", 0)
