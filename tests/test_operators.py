@@ -11,7 +11,9 @@ import torch
 
 import graftc
 from graftc.errors import GraftError
+from graftc.compiler import apply_rewrite
 from graftc.passes import rules_by_op
+from graftc.region import Region
 from graftc.spec import load_model
 from tests import zoo
 from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_and_load, zoo_family_fixture
@@ -201,6 +203,28 @@ def test_mamba2_shape_mismatch_is_refused(tiny_dit):
         graft(tiny_dit, plan_of(({"kind": "attention", "layers": [0]}, {"op": "mamba2", "head_dim": 7})))
     with pytest.raises(GraftError, match=r"groups 3 does not divide the 16 heads"):
         graft(tiny_dit, plan_of(({"kind": "attention", "layers": [0]}, {"op": "mamba2", "groups": 3})))
+
+
+SITE_PROBLEMS = [  # a call-site record (graftc.site) an operator cannot be plugged in at, and why
+    (None, "its module was never called in the traced forward"),
+    ({"input": None}, "no argument of blocks.0.attn has the region's input shape"),
+    ({"input": {"position": 0}, "output": {"kind": "unsupported", "type": "dict"}},
+     "blocks.0.attn returns a dict, not a tensor or tuple"),
+]
+
+
+@pytest.mark.parametrize("site, problem", SITE_PROBLEMS, ids=["unprobed", "no-input", "output"])
+@pytest.mark.parametrize("op", [op for op, rule in RULES.items() if rule.plugs_in])
+def test_every_rule_that_plugs_in_is_refused_where_its_call_site_is_unusable(op, site, problem):
+    """The registry checks the site for every rule that plugs in, before (and without) the rule's own guard."""
+    rule = RULES[op]
+    cover = ["blocks.0.attn", "blocks.1.attn"] if rule.kinds[0] == "block_pair" else ["blocks.0.attn"]
+    region = Region(rule.kinds[0], 0, cover[0], cover, input_shape=[1, 4, 8], output_shape=[1, 4, 8],
+                    attrs={} if site is None else {"site": site})
+    config = rule.config.model_validate({"op": op, **rule.example})
+    with pytest.raises(GraftError, match=f"op '{op}' cannot replace {rule.kinds[0]} 0 at blocks.0.attn: {problem}"):
+        apply_rewrite(torch.nn.Module(), region, config, "graft[0]")
+    assert not RULES["self"].plugs_in and RULES["self"].check(region, RULES["self"].config(op="self")) is None
 
 
 def test_readme_operator_table_is_the_registry_rendered():
