@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import re
 
+from graftc.evaluate.metrics import output_error
 from graftc.plan import parse_plan
-from graftc.trial import held_out, output_error, trial_graft, trial_plan
+from graftc.trial import held_out, trial_graft, trial_plan
 from graftc.rules import set_submodule
 
 STEPS = 600  # stage-1 steps of the measurement (fewer left a layer of the demo under-trained and misranked)

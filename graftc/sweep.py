@@ -14,8 +14,9 @@ import yaml
 from graftc import rankings
 from graftc.distill.speed import compare
 from graftc.errors import GraftError
+from graftc.evaluate.metrics import output_error
 from graftc.plan import parse_plan
-from graftc.trial import held_out, output_error, trial_graft, trial_plan
+from graftc.trial import held_out, trial_graft, trial_plan
 from graftc.spec import load_model
 
 DEFAULT_OPS = ("hyena_x", "hyena_y", "swa", "linear")

@@ -50,15 +50,3 @@ def held_out(loaded, data, seed: int, teacher: torch.nn.Module):
     task = make_task(loaded, data, seed)
     task.prepare(teacher, lambda *_: None)
     return task
-
-
-@torch.no_grad()
-def output_error(task, teacher, student, batch_size: int) -> float:
-    """Mean squared difference of the model outputs over the validation split."""
-    total, count = 0.0, 0
-    for batch in task.val_batches(batch_size):
-        a = task.output(teacher(*batch.args, **batch.kwargs)).float()
-        b = task.output(student(*batch.args, **batch.kwargs)).float()
-        total += float(((a - b) ** 2).mean()) * batch.size
-        count += batch.size
-    return total / count
