@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from graftc.distill.logs import Progress
 from graftc.errors import GraftError
 
 __all__ = ["Diffusion", "dit_eps", "guided_eps", "sample_dit"]
@@ -85,8 +86,6 @@ class Diffusion:
         ts = self.ddim_timesteps(steps)
         acp = self.alphas_cumprod
         x = noise
-        from graftc.distill.logs import Progress
-
         shown = Progress("DDIM", len(ts), enabled=progress)
         for i, t in enumerate(ts):
             a_t = float(acp[t])
@@ -157,8 +156,6 @@ def sample_dit(model, labels, steps: int = 25, cfg_scale: float = 1.0, generator
     noise = torch.randn((labels.shape[0], c, s, s), generator=generator, device=gen_device, dtype=torch.float32)
     was_training = model.training
     model.eval()
-    from graftc.distill.logs import Progress
-
     shown = Progress("sampling", labels.shape[0], unit="sample", enabled=progress)
     try:
         out = []

@@ -113,7 +113,8 @@ def test_minilm_hyena_x_distills_and_reloads(minilm, tmp_path, monkeypatch):
 def test_sentence_samples_keep_special_tokens_and_padding_stays_out_of_losses(minilm):
     """text_unit: sentence: one prose sentence a sample, [CLS] ... [SEP] then padding, and the mask that keeps the
     padding out of both stages' losses (real_tokens)."""
-    from graftc.distill.data import TextTask, real_tokens
+    from graftc.distill.data import real_tokens
+    from graftc.families.transformers import TextTask
     from graftc.plan import Data
 
     tokenizer = minilm.tokenizer

@@ -161,14 +161,15 @@ def test_minilm_embeddings_related_beat_unrelated(minilm):
 
 
 def test_tokenizer_that_does_not_match_the_model(minilm):
-    from graftc.spec import Loaded, _with_text_inputs
+    from graftc.families.transformers import with_text_inputs
+    from graftc.spec import Loaded
 
     class LargerVocabulary:  # e.g. SmolLM2's tokenizer (49152 tokens) beside MiniLM (30522)
         def __len__(self):
             return 49152
 
     with pytest.raises(GraftError, match="does not match the model: it has 49152 tokens, the model embeds 30522"):
-        _with_text_inputs(Loaded("", minilm.model), LargerVocabulary(), "minilm")
+        with_text_inputs(Loaded("", minilm.model), LargerVocabulary(), "minilm")
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -234,6 +235,7 @@ def test_folder_with_two_gguf_files_asks_for_one(not_gguf, capsys):
 def test_gguf_spec_forms_route_to_the_gguf_loader(tmp_path, monkeypatch):
     """DIR:gguf=FILE, a folder with one .gguf and no config.json, and a .gguf path load the same way (the real
     load is demo:smollm2's, above)."""
+    import graftc.families.transformers
     import graftc.spec
 
     calls = []
@@ -242,7 +244,7 @@ def test_gguf_spec_forms_route_to_the_gguf_loader(tmp_path, monkeypatch):
         calls.append((folder, name))
         return graftc.spec.Loaded("", torch.nn.Linear(2, 2), (torch.zeros(1, 2),), family="transformers")
 
-    monkeypatch.setattr(graftc.spec, "_load_gguf", fake)
+    monkeypatch.setattr(graftc.families.transformers, "load_gguf", fake)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     for spec in (f"{tmp_path}:gguf=m.gguf", str(tmp_path), str(tmp_path / "m.gguf")):
         assert load_model(spec).spec == spec

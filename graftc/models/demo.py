@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from graftc.errors import GraftError, one_line
+from graftc.models.dit import DIT_CONFIGS, build_dit, load_dit_checkpoint
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -92,8 +93,6 @@ def load_demo_dit(path=None):
     """graftc's tiny DiT with the committed pretrained (EMA) weights, in eval mode, on the CPU, float32.
 
     ``path`` overrides the committed weights file (e.g. one that scripts/train_demo.py --out wrote)."""
-    from graftc.models.dit import DIT_CONFIGS, build_dit, load_dit_checkpoint
-
     path = Path(path) if path is not None else DIT_WEIGHTS
     _, meta = _read(path, "demo DiT")
     model = build_dit("tiny")
@@ -190,6 +189,7 @@ def demo_fd(model, n: int = 1000, steps: int = DEMO_STEPS, cfg_scale: float = DE
     and samples are clamped to [-1, 1] like images before their features are taken. Lower is better; the
     committed teacher and the data's own noise floor are recorded in ``weights/tiny-dit.json``. ``net`` and
     ``ref`` (mu, sigma) default to the committed feature network and ``reference_stats()``."""
+    # here, not at the top: graftc.diffusion's progress bars come from graftc.distill, whose data module loads this
     from graftc.diffusion import sample_dit
 
     if n < 2:

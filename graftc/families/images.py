@@ -1,4 +1,5 @@
-"""Distillation data for image classifiers (transformers ViT/DeiT folders, family "image-classifier").
+"""Image classifiers (family "image-classifier": transformers ViT/DeiT folders, timm models with a classifier
+head): loading timm models, example images, and real images as distillation data.
 
 Without `data.images`, the inputs are real images that need no download: scikit-learn's 8x8 digits, scaled to
 the model's image size, repeated over its channels and normalized with the model's own mean and std (its folder's
@@ -11,14 +12,19 @@ stage trains on it, nor validates on it, so `graftc eval` compares teacher and g
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from graftc.distill.data import Batch, Task, generator, read_tensors
+from graftc.errors import GraftError, one_line, read_json
+from graftc.files import check_fits, read_weights
+from graftc.models.demo import load_digits_tensor
+from graftc.spec import Loaded, parse_options
 
-from graftc.distill.data import Batch, Task, generator
-from graftc.errors import GraftError, read_json
-
+MAKES_IMAGES = False
 DEFAULT_MEAN_STD = (0.5, 0.5)
 TEST_SHARE = 0.2  # of the images, held out for evaluation
 
@@ -57,8 +63,6 @@ def normalization(loaded) -> tuple[torch.Tensor, torch.Tensor]:
 
 def digits_images(shape: tuple[int, int, int], mean: torch.Tensor, std: torch.Tensor):
     """scikit-learn's digits as (images [1797, C, H, W] in the model's input space, labels [1797])."""
-    from graftc.models.demo import load_digits_tensor
-
     digits, labels = load_digits_tensor()  # [N, 1, 8, 8] in [-1, 1]
     channels, height, width = shape
     pixels = F.interpolate((digits + 1) / 2, size=(height, width), mode="bilinear", align_corners=False)
@@ -97,15 +101,7 @@ class ImageTask(Task):
         log(f"data: {len(x0)} images {list(self.shape)} from {self.source} ({len(x0) - fit} held out for evaluation)")
 
     def _read(self, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not Path(self.source).is_file():
-            raise GraftError(f"{where}: file not found")
-        try:
-            tensors = load_file(self.source)
-        except (SafetensorError, OSError) as e:
-            raise GraftError(f"{where}: not a readable safetensors file ({e})") from None
+        tensors = read_tensors(self.source, where)
         x0, y = tensors.get("x0"), tensors.get("y")
         if x0 is None or x0.dim() != 4 or tuple(x0.shape[1:]) != self.shape:
             got = tuple(x0.shape) if x0 is not None else f"no x0 (has {sorted(tensors)})"
@@ -149,3 +145,52 @@ class ImageTask(Task):
         classes = getattr(getattr(model, "config", None), "num_labels", None) or getattr(model, "num_classes", None)
         labels = torch.cat([self.samples["y"], self.test["y"]])
         return isinstance(classes, int) and int(labels.max()) + 1 == classes
+
+
+def load_timm(rest: str) -> Loaded:
+    name, _, options = rest.partition(":")
+    kwargs = parse_options(options, f"timm:{rest}")
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or torchvision failing inside timm's import
+        raise GraftError(f"timm:{name}: timm cannot be imported ({one_line(exc, 120)}); "
+                         "install timm with a torchvision that matches your torch") from None
+    checkpoint = kwargs.pop("checkpoint", None)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        raise GraftError(f"timm: unknown model '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise GraftError(f"timm:{name}: bad constructor argument: {exc}") from None
+    if checkpoint:
+        state = read_weights(checkpoint, "checkpoint", suffixes=None)
+        check_fits(model.state_dict(), state, "checkpoint", checkpoint)
+        model.load_state_dict(state)
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    channels = getattr(getattr(patch_embed, "proj", None), "in_channels", 3)
+    shape = (channels, *size) if size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    # a classifier (timm's ViTs, DeiTs, ... with a head) distills on images and is evaluated by top-1 agreement
+    family = "image-classifier" if getattr(model, "num_classes", 0) else "timm"
+    return Loaded("", model, (torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)),), family=family)
+
+
+def image_kwargs(model, path: Path) -> dict | None:
+    """Example `pixel_values` for a vision transformer (ViT, DeiT, BEiT, ...): one image of the config's
+    num_channels x image_size, or None when the model does not take pixel_values or its config lacks the sizes."""
+    config = model.config
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        return None
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if size is None or channels is None or getattr(config, "patch_size", None) is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if not all(isinstance(v, int) and v > 0 for v in (height, width, channels)):
+        raise GraftError(f"{path}/config.json: image_size {size!r} and num_channels {channels!r} must be positive "
+                         "integers (or image_size a [height, width] pair)")
+    return {"pixel_values": torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(0))}
+
+
+def task(loaded, data, seed: int) -> ImageTask:
+    return ImageTask(loaded, data, seed)
