@@ -1,8 +1,9 @@
 """graftc's own modules import each other without cycles, and almost only at module top level.
 
 The graph is read from the source with `ast` (every import statement, also those inside functions), so an import
-cycle that a function-level import hides at run time still shows. `python tests/test_import_graph.py` prints the
-cycles and the function-level imports.
+cycle that a function-level import hides at run time still shows. An import of a.b.c is an edge to a.b.c alone (its
+parent packages run first, but a package whose modules import each other is the usual layout, not a cycle).
+`python tests/test_import_graph.py` prints the cycles and the function-level imports.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ except ImportError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = "graftc"
-# `import graftc` stays light by loading torch-heavy modules on first attribute use (graftc/__init__.py): those
-# few function-level imports are by design; the rest of the code imports at module top level.
+# A few function-level imports stay by design: graftc/__init__.py keeps `import graftc` light (torch-heavy modules
+# load on first use), and an operator loads graftc.decode (transformers' cache classes; transformers is optional)
+# only when a model decodes with a cache. The rest of the code imports at module top level.
 MAX_FUNCTION_LEVEL = 10
 
 
