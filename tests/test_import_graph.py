@@ -1,8 +1,8 @@
 """graftc's own modules import each other without cycles, and almost only at module top level.
 
 The graph is read from the source with `ast` (every import statement, also those inside functions), so an import
-cycle that a function-level import hides at run time still shows. An import of a.b.c is an edge to a.b.c alone (its
-parent packages run first, but a package whose modules import each other is the usual layout, not a cycle).
+cycle that a function-level import hides at run time still shows. An import of a.b.c is an edge to a.b.c alone (Python
+runs a and a.b first, but a package's __init__ importing its own modules is the usual layout, not a cycle).
 `python tests/test_import_graph.py` prints the cycles and the function-level imports.
 """
 from __future__ import annotations
