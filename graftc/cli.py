@@ -20,6 +20,7 @@ from graftc.distill import run as run_distill
 from graftc.distill.data import make_task
 from graftc.distill.speed import compare
 from graftc.errors import GraftError
+from graftc.families.transformers import is_causal_lm, text_tokenizer
 from graftc.interrupt import Interrupted, interruptible
 from graftc.match import inspect_regions
 from graftc.plan import RANKED_STRATEGIES, dump_plan, json_schema, load_plan, parse_plan, ranked_layers
@@ -282,9 +283,9 @@ def _chat(args) -> int:
     else:
         loaded = load_model(args.model, seed=args.seed)
         model = loaded.model
-    if not evaluate.is_causal_lm(model):
+    if not is_causal_lm(model):
         raise GraftError(f"{args.model}: chat needs a causal language model (this is a {type(model).__name__})")
-    tokenizer = evaluate.text_tokenizer(loaded)
+    tokenizer = text_tokenizer(loaded)
     if tokenizer is None:
         raise GraftError(f"{args.model}: the model has no tokenizer to chat with")
     if getattr(tokenizer, "chat_template", None):

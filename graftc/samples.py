@@ -22,7 +22,8 @@ import torch
 
 from graftc.distill.data import DiffusionTask, generator, make_task
 from graftc.errors import GraftError, read_json
-from graftc.evaluate import is_causal_lm, text_tokenizer
+from graftc.families import family
+from graftc.families.transformers import is_causal_lm, text_tokenizer
 from graftc.files import write_atomic
 from graftc.plan import load_plan, parse_plan
 
@@ -45,7 +46,7 @@ def parse_columns(value) -> int:
 
 def applies(loaded) -> bool:
     """Whether `preview` may have something for this model (checked before a rewrite changes it)."""
-    return loaded.family in ("dit", "diffusers") or is_causal_lm(loaded.model)
+    return family(loaded.family).MAKES_IMAGES or is_causal_lm(loaded.model)
 
 
 def preview(loaded, data, seed: int, columns: int | None = None, log=print):
@@ -80,7 +81,7 @@ def eval_grid(loaded, target: Path, columns: int, steps: int, cfg: float, seed: 
 def image_task(loaded, data, seed: int):
     """The diffusion task of an image-generating model (None for other models) with a noise stream of its own,
     so that the grid's samples are not the training samples. A GraftError where its conditions are missing."""
-    if loaded.family not in ("dit", "diffusers"):
+    if not family(loaded.family).MAKES_IMAGES:
         return None
     task = make_task(loaded, data, seed)
     if not isinstance(task, DiffusionTask):

@@ -11,6 +11,7 @@ import torch
 
 from graftc import evaluate
 from graftc.cli import main
+from graftc.families.dit import sample_quality
 from graftc.models.demo import frechet_distance
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -153,7 +154,7 @@ def test_pluggable_extractor():
     from graftc.diffusion import sample_dit
     from graftc.models.demo import load_demo_dit
 
-    out = evaluate.sample_quality(load_demo_dit(), _Pixels(), n=20, steps=3, cfg=1.0, seed=0)
+    out = sample_quality(load_demo_dit(), _Pixels(), n=20, steps=3, cfg=1.0, seed=0)
     assert set(out) == {"fd", "precision", "recall"}
     # FD recomputed on the same features: the same samples drawn here, scipy's sqrtm on their statistics
     images = sample_dit(load_demo_dit(), torch.arange(20) % 10, steps=3, cfg_scale=1.0,
@@ -184,9 +185,9 @@ class _PixelsWithStats(_Pixels):
 def test_statistics_only_reference_gives_fd_and_sfid():
     from graftc.models.demo import load_demo_dit
 
-    out = evaluate.sample_quality(load_demo_dit(), _PixelsWithStats(), n=20, steps=3, cfg=1.0, seed=0)
+    out = sample_quality(load_demo_dit(), _PixelsWithStats(), n=20, steps=3, cfg=1.0, seed=0)
     assert set(out) == {"fd", "sfid"} and out["fd"] > 0 and out["sfid"] > 0  # no reference rows: no precision/recall
-    assert out == evaluate.sample_quality(load_demo_dit(), _PixelsWithStats(), n=20, steps=3, cfg=1.0, seed=0)
+    assert out == sample_quality(load_demo_dit(), _PixelsWithStats(), n=20, steps=3, cfg=1.0, seed=0)
 
 
 def test_encoder_embedding_cosine(tmp_path, capsys):
@@ -245,3 +246,21 @@ def test_perplexity_of_a_language_model_and_its_graft(tmp_path, capsys):
     assert len(ppl) == 2 and all(_math.isfinite(v) and v > 1 for v in ppl.values())
     assert len(set(ppl.values())) == 2  # the graft changed the model
     assert "agreement" in result and "embedding_cosine" not in result["agreement"]  # a causal LM, not an encoder
+
+
+def test_output_error_is_the_mean_squared_difference_of_the_task_outputs():
+    """The one output MSE (eval's agreement, sweep, sensitivity): over every value of the task's outputs in every
+    batch, batches of any size; `each` sees every batch with its outputs."""
+    from types import SimpleNamespace
+
+    from graftc.distill.data import Batch
+
+    torch.manual_seed(0)
+    xs = [torch.randn(3, 4), torch.randn(1, 4)]
+    task = SimpleNamespace(val_batches=lambda size: [Batch((x,), {}) for x in xs], output=lambda out: out[:, :2])
+    teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    seen = []
+    got = evaluate.output_error(task, teacher, student, 3, each=lambda b, t_out, s_out, t, s: seen.append(t.shape))
+    with torch.no_grad():
+        want = torch.cat([student(x)[:, :2] - teacher(x)[:, :2] for x in xs]).double().pow(2).mean()
+    assert got == pytest.approx(float(want), rel=1e-9) and seen == [(3, 2), (1, 2)]

@@ -20,8 +20,9 @@ import yaml
 
 import graftc
 from graftc import compile as graft
-from graftc import evaluate, text
+from graftc import text
 from graftc.cli import main
+from graftc.families.transformers import embedding_quality, lm_windows
 from graftc.plan import parse_plan
 from tests.test_real_models import minilm, smollm2  # noqa: F401  (module-scoped fixtures: one load each)
 
@@ -75,8 +76,8 @@ def test_smollm2_swa_distills_reloads_and_chats(smollm2, tmp_path, monkeypatch, 
     model = graftc.load(tmp_path / "art", model=copy.deepcopy(loaded.model))
     # closer to the teacher on held-out text than the rewrite alone
     windows = text.token_windows(loaded.tokenizer, "heldout", 64, 2)
-    before = evaluate.lm_windows(loaded.model, undistilled, windows)
-    after = evaluate.lm_windows(loaded.model, model, windows)
+    before = lm_windows(loaded.model, undistilled, windows)
+    after = lm_windows(loaded.model, model, windows)
     assert after["kl"] < before["kl"], (before, after)
     # the reloaded artifact decodes exactly as the graft that compile distilled in memory
     again = distilled
@@ -106,7 +107,7 @@ def test_minilm_hyena_x_distills_and_reloads(minilm, tmp_path, monkeypatch):
                          for m in (undistilled, model))
     assert after < before, (before, after)
     sentences = text.sentences("heldout")[:64]
-    same = evaluate.embedding_quality(distilled, model, loaded.tokenizer, sentences)  # in memory vs reloaded
+    same = embedding_quality(distilled, model, loaded.tokenizer, sentences)  # in memory vs reloaded
     assert same["embedding_cosine_min"] > 1 - 1e-9 and same["retrieval_top1"] == 1.0
 
 

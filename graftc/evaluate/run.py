@@ -3,13 +3,15 @@ and cost: parameters, FLOPs at the example inputs (``torch.utils.flop_counter``)
 side by side with the teacher (``graftc.distill.speed.compare``)."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from graftc.distill.speed import compare
-from graftc.evaluate.quality import agreement, heldout_quality, perplexity, sample_quality, text_tokenizer
+from graftc.evaluate.quality import agreement
+from graftc.families import family
 from graftc.files import to_device
 from graftc.passes import rules_by_op
 
@@ -25,6 +27,32 @@ def cost(model, loaded) -> dict:
     return {"params": int(sum(p.numel() for p in model.parameters())), "flops": int(counter.get_total_flops())}
 
 
+@dataclass
+class Evaluation:
+    """One `graftc eval`: the models ({"name", "spec", "model"}), its settings, and the result that the model's
+    family (its graftc.families module's `evaluate`) fills in."""
+
+    target: dict
+    teacher: Optional[dict]
+    loaded: Any
+    extractor: Any
+    samples: int
+    steps: int
+    cfg: float
+    seed: int
+    text: Optional[str]
+    cache: Optional[str]
+    log: Callable
+    context: int
+    new_tokens: int
+    sentences: int
+    result: dict
+
+    @property
+    def entries(self) -> list[dict]:
+        return [e for e in (self.teacher, self.target) if e is not None]
+
+
 def evaluate(target: dict, teacher: Optional[dict], loaded, extractor, samples: int,
              steps: int, cfg: float, seed: int, text: Optional[str] = None, cache: Optional[str] = None,
              log=lambda line: None, context: int = 128, new_tokens: int = 32, sentences: int = 512) -> dict:
@@ -36,36 +64,11 @@ def evaluate(target: dict, teacher: Optional[dict], loaded, extractor, samples: 
               "models": {e["name"]: {"spec": e["spec"], **cost(e["model"], loaded)} for e in entries}, "notes": []}
     if extractor is not None and extractor.reference_file:
         result["settings"]["reference"] = extractor.reference_file
-    if loaded.family == "dit" and extractor is not None:
-        why = extractor.fits(target["model"])
-        if why is None:
-            for e in entries:
-                log(f"eval: sampling {samples} images from {e['name']} ({steps} steps, cfg {cfg})")
-                result["models"][e["name"]].update(sample_quality(e["model"], extractor, samples, steps, cfg, seed))
-        else:
-            result["notes"].append(f"sample quality skipped: {why}")
-    elif extractor is not None:
-        result["notes"].append(f"sample quality skipped: only graftc's DiT is sampled so far (family {loaded.family!r})")
-    if loaded.family == "transformers" and text:
-        for e in entries:
-            ppl = perplexity(e["model"], loaded, text, seed, cache)
-            if ppl is not None:
-                result["models"][e["name"]]["perplexity"] = ppl
-    tokenizer = text_tokenizer(loaded) if loaded.family == "transformers" else None
-    if tokenizer is not None:
-        held = heldout_quality((teacher or target)["model"], target["model"], loaded, tokenizer, context, new_tokens,
-                               sentences, log)
-        for e in entries:  # without a teacher the model is called "teacher" and compared with itself
-            result["models"][e["name"]].update(held["models"].get(e["name"], {}))
-        result["settings"]["heldout"] = held["settings"]
-        if teacher is not None:
-            result["heldout"] = held["agreement"]
-    elif loaded.family == "transformers":
-        result["notes"].append("held-out text evaluation skipped: the model has no tokenizer")
+    run = Evaluation(target, teacher, loaded, extractor, samples, steps, cfg, seed, text, cache, log, context,
+                     new_tokens, sentences, result)
+    measure_agreement = family(loaded.family).evaluate(run)
     if teacher is not None:
-        if loaded.family == "transformers" and not text:
-            pass  # the held-out evaluation above compares teacher and graft; --text adds output agreement on it
-        else:
+        if measure_agreement:
             log("eval: teacher-vs-graft agreement")
             result["agreement"] = agreement(teacher["model"], target["model"], loaded, samples, steps, cfg, seed,
                                             text=text, cache=cache)

@@ -6,6 +6,7 @@ import torch
 
 from graftc.diffusion import Diffusion, sample_dit
 from graftc.distill.data import Batch, DiffusionTask, generator
+from graftc.evaluate.metrics import fd_of_features, inception_score, precision_recall
 from graftc.models.demo import demo_fd, load_demo_dit
 from graftc.models.dit import build_dit, example_inputs, load_dit_checkpoint
 from graftc.spec import Loaded
@@ -63,3 +64,41 @@ class DiTTask(DiffusionTask):
 
 def task(loaded, data, seed: int) -> DiTTask:
     return DiTTask(loaded, data, seed)
+
+
+@torch.no_grad()
+def sample_quality(model, extractor, n: int, steps: int, cfg: float, seed: int) -> dict:
+    """FD, sFID, IS, precision, recall of ``n`` class-balanced DDIM samples of a graftc DiT, with the features of
+    ``extractor`` (a ``graftc.evaluate.features.FeatureExtractor``)."""
+    labels = torch.arange(n) % int(model.num_classes)
+    images = sample_dit(model, labels, steps=steps, cfg_scale=cfg, generator=torch.Generator().manual_seed(seed),
+                        progress=True)
+    images = images.float().clamp(-1, 1).cpu()
+    ref = extractor.reference()
+    feats = extractor.features(images)
+    out = {"fd": fd_of_features(feats, ref["features"] if "features" in ref else (ref["mu"], ref["sigma"]))}
+    spatial = extractor.spatial(images)
+    if spatial is not None and ("spatial" in ref or "mu_s" in ref):
+        out["sfid"] = fd_of_features(spatial, ref["spatial"] if "spatial" in ref else (ref["mu_s"], ref["sigma_s"]))
+    logits = extractor.logits(images)
+    if logits is not None:
+        out["is"] = inception_score(logits)
+    if "features" in ref and min(n, len(ref["features"])) > 3:  # k=3 neighbours need more rows on each side
+        out["precision"], out["recall"] = precision_recall(ref["features"], feats, k=3)
+    return out
+
+
+def evaluate(run) -> bool:
+    """graftc eval's figures for a DiT (`run`: a graftc.evaluate.run.Evaluation): each model's sample quality
+    where a feature extractor is given and fits the model. Agreement on held-out task inputs applies too."""
+    if run.extractor is None:
+        return True
+    why = run.extractor.fits(run.target["model"])
+    if why is not None:
+        run.result["notes"].append(f"sample quality skipped: {why}")
+        return True
+    for e in run.entries:
+        run.log(f"eval: sampling {run.samples} images from {e['name']} ({run.steps} steps, cfg {run.cfg})")
+        run.result["models"][e["name"]].update(sample_quality(e["model"], run.extractor, run.samples, run.steps,
+                                                              run.cfg, run.seed))
+    return True

@@ -81,3 +81,16 @@ class ExampleTask(Task):
 
 def task(loaded, data, seed: int) -> ExampleTask:
     return ExampleTask(loaded, data, seed)
+
+
+def no_sample_quality(run) -> None:
+    """The note for a family that graftc eval does not sample (`run`: a graftc.evaluate.run.Evaluation)."""
+    if run.extractor is not None:
+        run.result["notes"].append("sample quality skipped: only graftc's DiT is sampled so far "
+                                   f"(family {run.loaded.family!r})")
+
+
+def evaluate(run) -> bool:
+    """graftc eval's figures for a family with none of its own: only agreement on held-out task inputs."""
+    no_sample_quality(run)
+    return True

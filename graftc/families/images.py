@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from graftc.distill.data import Batch, Task, generator, read_tensors
 from graftc.errors import GraftError, one_line, read_json
+from graftc.families.example import evaluate  # noqa: F401  (graftc eval: agreement, top-1 from the task)
 from graftc.files import check_fits, read_weights
 from graftc.models.demo import load_digits_tensor
 from graftc.spec import Loaded, parse_options

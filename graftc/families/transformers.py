@@ -4,6 +4,8 @@ image-classifier family."""
 from __future__ import annotations
 
 import inspect
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import torch.nn.functional as F
 from graftc import text
 from graftc.distill.data import Batch, Task, first_tensor
 from graftc.errors import GraftError, one_line
+from graftc.evaluate.quality import perplexity, sentence_embedding
+from graftc.families.example import no_sample_quality
 from graftc.families.images import image_kwargs
 from graftc.spec import EXAMPLE_TEXT, Loaded, from_pretrained
 
@@ -211,3 +215,129 @@ class TextTask(Task):
 
 def task(loaded, data, seed: int) -> TextTask:
     return TextTask(loaded, data, seed)
+
+
+# ------------------------------------------------------------------------ graftc eval
+def text_tokenizer(loaded):
+    """The spec's tokenizer (demo:smollm2, demo:minilm, .gguf), else the model folder's; None where it has none."""
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(loaded.spec)
+    except Exception:
+        return None
+    return tokenizer if len(tokenizer) > 1 else None  # a config without a vocabulary gives an empty one
+
+
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
+@torch.no_grad()
+def lm_windows(teacher, graft, windows: torch.Tensor) -> dict:
+    """Teacher and graft on the same windows [N, L] (each scored on its own): both perplexities (every token but
+    a window's first is predicted), the share of positions where the graft's greedy next token is the
+    teacher's, and the mean per-token KL(teacher || graft) in nats."""
+    nll = {"teacher": 0.0, "graft": 0.0}
+    same = kl = 0.0
+    tokens = positions = 0
+    for row in windows.split(1):
+        t = teacher(input_ids=row, use_cache=False).logits.float().log_softmax(-1)
+        g = t if graft is teacher else graft(input_ids=row, use_cache=False).logits.float().log_softmax(-1)
+        target = row[:, 1:].flatten()
+        for name, logp in (("teacher", t), ("graft", g)):
+            nll[name] -= float(logp[:, :-1].flatten(0, 1).gather(1, target[:, None]).sum())
+        same += float((t.argmax(-1) == g.argmax(-1)).sum())
+        kl += float((t.exp() * (t - g)).sum())
+        tokens += target.numel()
+        positions += row.numel()
+    return {"teacher_perplexity": math.exp(nll["teacher"] / tokens), "graft_perplexity": math.exp(nll["graft"] / tokens),
+            "next_token_agreement": same / positions, "kl": kl / positions}
+
+
+@torch.no_grad()
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decode tokens/s with the model's cache after prefilling `prompt` [B, context] (not timed)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.2x
+    kept = lambda out: out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # noqa: E731
+    out = model(input_ids=prompt, use_cache=True)
+    cache, token = kept(out), out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache, token = kept(out), out.logits[:, -1:].argmax(-1)
+    return new_tokens * prompt.shape[0] / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def embedding_quality(teacher, graft, tokenizer, sentences: list[str], batch_size: int = 32) -> dict:
+    """Mean-pooled sentence embeddings of teacher and graft: mean and min cosine per sentence, and retrieval
+    top-1, the share of sentences whose graft embedding is nearest (by cosine) the teacher embedding of the
+    same sentence among all of them."""
+    def embed(model):
+        rows = []
+        for start in range(0, len(sentences), batch_size):
+            enc = tokenizer(sentences[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            mask = enc["attention_mask"]
+            out = model(**enc, output_hidden_states=True)
+            rows.append(sentence_embedding(out, mask))
+        return F.normalize(torch.cat(rows), dim=1)
+
+    t, g = embed(teacher), embed(graft)
+    cos = (t * g).sum(1)
+    hits = (g @ t.T).argmax(1) == torch.arange(len(sentences))
+    return {"sentences": len(sentences), "embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+            "retrieval_top1": float(hits.double().mean())}
+
+
+def heldout_quality(teacher, graft, loaded, tokenizer, context: int = 128, new_tokens: int = 32,
+                    sentences: int = 512, log=lambda line: None) -> dict:
+    """graftc.text's held-out evaluation of a transformers model (``graft``) beside its teacher (which may be
+    the same model). Returns {"models": {"teacher": {...}, "graft": {...}}, "agreement": {...}, "settings"}."""
+    if is_causal_lm(loaded.model):
+        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 10**9
+        protocol = dict(text.REFERENCE)
+        protocol["length"] = min(protocol["length"], positions)
+        windows = text.token_windows(tokenizer, **protocol)
+        log(f"eval: {len(windows)} held-out windows of {windows.shape[1]} tokens, teacher beside graft")
+        lm = lm_windows(teacher, graft, windows)
+        prompt = text.token_windows(tokenizer, "heldout", min(context, positions - new_tokens), 1)
+        log(f"eval: decode speed, {new_tokens} tokens after {prompt.shape[1]} tokens of context")
+        speed = {"teacher": decode_speed(teacher, prompt, new_tokens)}
+        speed["graft"] = speed["teacher"] if graft is teacher else decode_speed(graft, prompt, new_tokens)
+        models = {name: {"heldout_perplexity": lm[f"{name}_perplexity"], "decode_tokens_per_s": speed[name]}
+                  for name in ("teacher", "graft")}
+        return {"models": models, "settings": {"windows": list(windows.shape), "protocol": protocol,
+                                               "context": prompt.shape[1], "new_tokens": new_tokens},
+                "agreement": {"next_token_agreement": lm["next_token_agreement"], "kl": lm["kl"]}}
+    found = text.sentences("heldout")[:sentences]
+    log(f"eval: embeddings of {len(found)} held-out sentences, teacher beside graft")
+    return {"models": {}, "settings": {"sentences": len(found)},
+            "agreement": embedding_quality(teacher, graft, tokenizer, found)}
+
+
+def evaluate(run) -> bool:
+    """graftc eval's figures for a transformers model (`run`: a graftc.evaluate.run.Evaluation): with --text,
+    each model's perplexity on it (causal LMs); with a tokenizer, graftc.text's held-out evaluation. Agreement on
+    held-out task inputs applies only with --text: without it the held-out evaluation compares teacher and graft."""
+    no_sample_quality(run)
+    models = run.result["models"]
+    if run.text:
+        for e in run.entries:
+            ppl = perplexity(e["model"], run.loaded, run.text, run.seed, run.cache)
+            if ppl is not None:
+                models[e["name"]]["perplexity"] = ppl
+    tokenizer = text_tokenizer(run.loaded)
+    if tokenizer is None:
+        run.result["notes"].append("held-out text evaluation skipped: the model has no tokenizer")
+        return bool(run.text)
+    held = heldout_quality((run.teacher or run.target)["model"], run.target["model"], run.loaded, tokenizer,
+                           run.context, run.new_tokens, run.sentences, run.log)
+    for e in run.entries:  # without a teacher the model is called "teacher" and compared with itself
+        models[e["name"]].update(held["models"].get(e["name"], {}))
+    run.result["settings"]["heldout"] = held["settings"]
+    if run.teacher is not None:
+        run.result["heldout"] = held["agreement"]
+    return bool(run.text)
