@@ -262,5 +262,5 @@ def test_output_error_is_the_mean_squared_difference_of_the_task_outputs():
     seen = []
     got = evaluate.output_error(task, teacher, student, 3, each=lambda b, t_out, s_out, t, s: seen.append(t.shape))
     with torch.no_grad():
-        want = torch.cat([student(x)[:, :2] - teacher(x)[:, :2] for x in xs]).double().pow(2).mean()
+        want = torch.cat([student(x)[:, :2].double() - teacher(x)[:, :2].double() for x in xs]).pow(2).mean()
     assert got == pytest.approx(float(want), rel=1e-9) and seen == [(3, 2), (1, 2)]
