@@ -29,6 +29,7 @@ import torch
 
 from graftc.distill.data import first_tensor
 from graftc.errors import GraftError
+from graftc.files import to_device
 from graftc.match import inspect_regions
 from graftc.passes.common import teacher_attention
 from graftc.rules import submodule
@@ -240,16 +241,6 @@ def _batches(source, n_batches: int, batch_size: int):
             yield tuple(args), dict(kwargs)
 
 
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
-
-
 @torch.no_grad()
 def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT_KS, regions=None,
             example: Any = None, windows: Iterable[int] = DEFAULT_WINDOWS, block: int = 256, n_batches: int = 1,
@@ -271,7 +262,7 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if regions is None:
         first = example if example is not None else (batches[0][1] or batches[0][0])
-        regions = inspect_regions(model, _to(first, device))
+        regions = inspect_regions(model, to_device(first, device))
     layers, moments, skipped, handles = [], [], [], []
     try:
         for region in regions:
@@ -296,7 +287,7 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
                 handles.append(submodule(model, region.cover[-1]).register_forward_hook(
                     lambda mod, args, out, stats=stats: stats.feed(out)))
         for i, (args, kwargs) in enumerate(batches):
-            model(*_to(args, device), **_to(kwargs, device))
+            model(*to_device(args, device), **to_device(kwargs, device))
             for layer in layers:
                 layer.pending.clear()
             if progress:

@@ -11,15 +11,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from graftc.compiler import replay
-from graftc.errors import GraftError, read_json
-from graftc.files import file_sha256, write_failed
+from graftc.errors import GraftError, one_line, read_json
+from graftc.files import file_sha256, write_atomic_dir
 from graftc.plan import dump_plan
 from graftc.spec import load_model as load_spec
 from graftc.version import __version__
@@ -96,23 +95,15 @@ def out_lock(out: Path):
                 break
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh hidden folder beside `out` (parents made as needed): outputs are written there, then renamed to
-    `out`, so a failure never leaves a half-written `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
 def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, force: bool = False,
          distill: dict | None = None, quality: dict | None = None, files: dict | None = None) -> Path:
     """Write the artifact. `distill`/`quality` go into the manifest; `files` (name -> file or folder) are copied in."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     out = Path(out)
     check_out_dir(out, force)
-    tmp = staging_dir(out)
-    try:
+
+    def fill(tmp: Path) -> None:  # a full disk: an existing OUT is left as it was
         save_model(result.model, str(tmp / "model.safetensors"))
         (tmp / "plan.yaml").write_text(dump_plan(result.plan))
         manifest = {"format": FORMAT, "graftc_version": __version__,
@@ -126,15 +117,8 @@ def save(out: str | Path, result, spec: str, base_hash: str, report_md: str, for
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (tmp / "report.md").write_text(report_md)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as exc:  # a full disk: an existing OUT is left as it was
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(out, exc) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomic_dir(out, fill)
     return out
 
 
@@ -217,16 +201,15 @@ def load(out: str | Path, model: torch.nn.Module | None = None, allow_python: bo
     except GraftError as exc:
         raise GraftError(f"{out}: {exc}") from None
     except Exception as exc:  # a damaged record (a wrong module path, a missing field) is bad input, not a crash
-        first = (str(exc).splitlines() or [""])[0][:200]
         raise GraftError(f"{out / 'manifest.json'}: its rewrites cannot be replayed on the base model "
-                         f"({type(exc).__name__}: {first})") from None
+                         f"({one_line(exc)})") from None
     weights = out / "model.safetensors"
     if not weights.is_file():
         raise GraftError(f"{out}: model.safetensors is missing")
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise GraftError(f"{weights}: cannot read weights: {str(exc).splitlines()[0][:200]}") from None
+        raise GraftError(f"{weights}: cannot read weights: {one_line(exc)}") from None
     if missing or unexpected:
         raise GraftError(f"{weights}: does not match the replayed model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")

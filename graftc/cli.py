@@ -21,6 +21,7 @@ from graftc.distill.data import make_task
 from graftc.distill.speed import compare
 from graftc.errors import GraftError
 from graftc.families.transformers import is_causal_lm, text_tokenizer
+from graftc.files import to_device, write_atomic_dir
 from graftc.interrupt import Interrupted, interruptible
 from graftc.match import inspect_regions
 from graftc.plan import RANKED_STRATEGIES, dump_plan, json_schema, load_plan, parse_plan, ranked_layers
@@ -129,15 +130,7 @@ def _sweep(args) -> int:
     artifact.check_out_dir(out, args.force)
     rows = sweep.sweep(args.model, ops, ratios, strategies, args.steps, args.batch_size, data, args.seed,
                        log=lambda line: print(line, flush=True))
-    tmp = artifact.staging_dir(out)
-    try:
-        front = sweep.write_sweep(rows, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    front = write_atomic_dir(out, lambda tmp: sweep.write_sweep(rows, tmp))
     print("Pareto front (fewer FLOPs, lower error): " + ", ".join(r["name"] for r in front))
     print(f"wrote {out}")
     return 0
@@ -179,20 +172,12 @@ def _analyze(args) -> int:
         "samples": args.samples, "fd_samples": 0, "text": args.text, "seq_len": args.seq_len, "cache": args.cache})
     task = make_task(loaded, data, args.seed)
     task.prepare(loaded.model, log=note)
-    regions = inspect_regions(loaded.model, analysis._to(loaded.example, next(loaded.model.parameters()).device))
+    regions = inspect_regions(loaded.model, to_device(loaded.example, next(loaded.model.parameters()).device))
     note(f"analyzing {args.model}: {args.batches} batch(es) of {args.batch_size}")
     result = analysis.analyze(loaded.model, task, ks, regions=regions, windows=windows, block=args.block,
                               n_batches=args.batches, batch_size=args.batch_size, progress=note)
     result = {"model": args.model, "family": loaded.family, "seed": args.seed, "batch_size": args.batch_size, **result}
-    tmp = artifact.staging_dir(out)
-    try:
-        analysis.write_analysis(result, tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_atomic_dir(out, lambda tmp: analysis.write_analysis(result, tmp))
     if result["attention"]:
         k = analysis.default_k(result)
         print(f"L_{k} per attention layer: " + ", ".join(f"{a['index']}: {a['band_mass'][str(k)]:.3f}"

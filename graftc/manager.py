@@ -10,7 +10,7 @@ import networkx as nx
 import torch
 from torch.utils._pytree import tree_flatten
 
-from graftc.errors import GraftError
+from graftc.errors import GraftError, one_line
 from graftc.region import Region
 from graftc.trace import describe_failure
 
@@ -142,8 +142,7 @@ def lint(state: GraftState, after: str) -> tuple[int, int]:
     try:
         signature, params, flops = _fake_forward(state)
     except Exception as exc:
-        raise GraftError(f"lint after {after}: the rewritten model no longer runs: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+        raise GraftError(f"lint after {after}: the rewritten model no longer runs: {one_line(exc)}") from None
     if signature != state.signature:
         raise GraftError(f"lint after {after}: outputs changed from {state.signature} to {signature}")
     return params, flops

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ import torch
 
 from graftc.analysis import DEFAULT_KS, analyze, default_k, layer_order
 from graftc.distill.data import cache_root, make_task
+from graftc.files import write_atomic
 from graftc.sensitivity import STEPS, graft_sensitivity, steps_for
 from graftc.spec import weights_hash
 
@@ -67,9 +67,7 @@ def cached_json(cache: str | None, kind: str, key: list, make: Callable[[], dict
         return json.loads(path.read_text())
     result = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result)))
     return json.loads(path.read_text())
 
 

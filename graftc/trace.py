@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from graftc.errors import GraftError
+from graftc.errors import GraftError, one_line
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -83,7 +83,6 @@ def describe_failure(exc: Exception) -> str:
     """The first line of torch's message plus the innermost user frame, which names the module and line."""
     import traceback
 
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
     where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: {frames[-1].line})" if frames else ""
-    return f"{type(exc).__name__}: {first[:300]}{where}"
+    return f"{one_line(exc, 300)}{where}"

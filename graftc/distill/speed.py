@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from graftc.files import to_device
+
 
 def _expand(value, batch: int):
     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
@@ -16,9 +18,8 @@ def _expand(value, batch: int):
 @torch.no_grad()
 def compare(teacher: torch.nn.Module, graft: torch.nn.Module, loaded, batch: int = 16, reps: int = 15) -> dict:
     device = next(graft.parameters()).device
-    move = lambda v: _expand(v, batch).to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    args = tuple(move(a) for a in loaded.args)
-    kwargs = {k: move(v) for k, v in loaded.kwargs.items()}
+    args = to_device(tuple(_expand(a, batch) for a in loaded.args), device)
+    kwargs = to_device({k: _expand(v, batch) for k, v in loaded.kwargs.items()}, device)
     times = {"teacher": [], "graft": []}
     models = {"teacher": teacher.eval(), "graft": graft.eval()}
     for i in range(reps + 2):
