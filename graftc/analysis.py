@@ -29,6 +29,7 @@ import torch
 
 from graftc.distill.data import first_tensor
 from graftc.errors import GraftError
+from graftc.families import family
 from graftc.files import to_device
 from graftc.match import inspect_regions
 from graftc.passes.common import teacher_attention
@@ -407,7 +408,7 @@ def analysis_report(analysis: dict) -> str:
     lines = [f"# Attention locality and activation statistics{' of ' + analysis['model'] if analysis.get('model') else ''}",
              "", f"Measured on {analysis['samples']} samples in {analysis['batches']} batch(es) of the model's own "
              "inputs" + (" (for diffusion models: noisy latents x_t at random timesteps of teacher samples, so "
-                         "the figures average over the sampler's trajectory)." if analysis.get("family") in ("dit", "diffusers") else "."),
+                         "the figures average over the sampler's trajectory)." if family(analysis.get("family", "")).MAKES_IMAGES else "."),
              ""]
     if att:
         k = default_k(analysis)

@@ -102,6 +102,8 @@ class Task:
 
     name = "task"
     own_objective: str | None = None  # the model's own loss: "diffusion" or "lm"
+    classifies = False  # outputs are class logits: evaluation reports top-1 agreement
+    encoder = False  # outputs are a text encoder's: evaluation compares sentence embeddings too
 
     def __init__(self, loaded, data, seed: int):
         self.loaded, self.data, self.seed = loaded, data, seed

@@ -47,11 +47,11 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
         task.prepare(teacher, log=lambda line: None)
         # a task with a held-out test split (images) is evaluated on it, else on its validation split
         batches = getattr(task, "eval_batches", task.val_batches)(batch_size)
-    encoder = loaded.family == "transformers" and task.own_objective != "lm"
+    encoder = task.encoder
     if encoder:  # models with a head return no last_hidden_state: the last of the hidden states is it
         batches = [dataclasses.replace(b, kwargs={**b.kwargs, "output_hidden_states": True}) for b in batches]
     cosines, embedding_cosines = [], []
-    classifies = getattr(task, "classifies", False)
+    classifies = task.classifies
     labelled = classifies and task.labels_fit(teacher)
     hits = {"same": 0, "teacher": 0, "graft": 0}
 

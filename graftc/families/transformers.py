@@ -120,6 +120,7 @@ class TextTask(Task):
                              f"(max_position_embeddings {positions}); set seq_len to at most {positions}")
         self.causal = type(loaded.model).__name__.endswith("ForCausalLM")
         self.own_objective = "lm" if self.causal else None
+        self.encoder = not self.causal
 
     def prepare(self, teacher, log=print) -> None:
         if self.data.text:
