@@ -1,7 +1,7 @@
 """A ViT grafted with swa2d, distilled on real images, judged by top-1 agreement with its teacher.
 
 The teacher is the test zoo's ViT (tests/zoo.py: image 16, patch 4 -> a class token + 4 x 4 patches, width 32)
-at --depth layers, trained here on the digits' training images (graftc.distill.images: scikit-learn's digits
+at --depth layers, trained here on the digits' training images (graftc.families.images: scikit-learn's digits
 scaled to 16 x 16; the held-out fifth is never trained on) and saved with save_pretrained. Then, through the CLI
 as a user would run it, the plan below is compiled three ways — rewrite only, stage 1, stage 1 + stage 2 — and
 each artifact goes through `graftc eval` (top-1 agreement, logits MSE and each model's digit accuracy on the
