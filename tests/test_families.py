@@ -129,3 +129,35 @@ def test_attention_with_rotary_tables_made_by_a_matmul_is_found():
 
     regions = inspect_regions(Block().eval(), (torch.randn(1, 5, 16),))
     assert [(r.kind, r.fqn) for r in regions if r.kind == "attention"] == [("attention", "attn")]
+
+
+@torch.no_grad()
+def test_diffusers_teacher_samples_apply_guidance(tmp_path):
+    """A class-conditional diffusers DiT's teacher samples with classifier-free guidance (one batched call through
+    graftc.diffusion.guided_eps) follow eps_u + s (eps_c - eps_u) from separate conditional and null-class calls
+    in the same DDIM loop; guidance changes them."""
+    from graftc.distill.data import generator, make_task
+    from graftc.plan import parse_plan
+
+    loaded = load_model(zoo.diffusers_dit(tmp_path / "dit"))
+    perturb(loaded.model)  # outputs that depend on the label
+    rows, scale = torch.arange(4), 2.0
+
+    def samples(cfg_scale):
+        data = parse_plan({"version": 1, "data": {"sampler_steps": 3, "cfg_scale": cfg_scale}}).data
+        task = make_task(loaded, data, seed=0)
+        return task, task.generate(loaded.model, rows)["x0"]
+
+    task, guided = samples(scale)
+    scheduler = copy.deepcopy(task.scheduler)
+    scheduler.set_timesteps(3)
+    x = torch.randn(4, task.channels, task.size, task.size, generator=generator(0, "samples", 0))
+    x = x * scheduler.init_noise_sigma
+    labels = rows % task.classes
+    for t in scheduler.timesteps:
+        inp, tt = scheduler.scale_model_input(x, t), torch.full((4,), int(t))
+        cond, uncond = (loaded.model(hidden_states=inp, timestep=tt, class_labels=y).sample[:, :task.channels]
+                        for y in (labels, torch.full_like(labels, task.classes)))
+        x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
+    assert torch.allclose(guided, x, atol=1e-5), float((guided - x).abs().max())
+    assert (guided - samples(1.0)[1]).abs().max() > 1e-3
