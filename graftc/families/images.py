@@ -149,6 +149,8 @@ class ImageTask(Task):
 
 
 def load_timm(rest: str) -> Loaded:
+    """timm:NAME[:k=v,...]: timm.create_model(NAME, **kwargs), random or with checkpoint=PATH's weights; family
+    image-classifier where it has a classifier head, else timm (the generic family)."""
     name, _, options = rest.partition(":")
     kwargs = parse_options(options, f"timm:{rest}")
     try:

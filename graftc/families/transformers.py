@@ -167,11 +167,7 @@ class TextTask(Task):
         if self._tokenizer is not None:
             return self._tokenizer
         try:
-            from transformers import AutoTokenizer  # heavy: only for the models that need it
-
-            tokenizer = AutoTokenizer.from_pretrained(self.loaded.spec)
-            if len(tokenizer) < 2:  # transformers makes an empty one from a folder with a config and no vocabulary
-                raise ValueError(f"it has {len(tokenizer)} token(s)")
+            tokenizer = spec_tokenizer(self.loaded)
         except Exception as exc:
             raise GraftError(f"{self.loaded.spec}: no usable tokenizer in the model folder to cut data.text into "
                              f"tokens ({one_line(exc, 120)})") from None
@@ -219,17 +215,25 @@ def task(loaded, data, seed: int) -> TextTask:
 
 
 # ------------------------------------------------------------------------ graftc eval
-def text_tokenizer(loaded):
-    """The spec's tokenizer (demo:smollm2, demo:minilm, .gguf), else the model folder's; None where it has none."""
+def spec_tokenizer(loaded):
+    """The spec's tokenizer (demo:smollm2, demo:minilm, .gguf), else the model folder's; raises what loading it
+    raised, or ValueError where the folder has none (transformers then makes an empty one from its config)."""
     if loaded.tokenizer is not None:
         return loaded.tokenizer
-    try:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only for the models that need it
 
-        tokenizer = AutoTokenizer.from_pretrained(loaded.spec)
+    tokenizer = AutoTokenizer.from_pretrained(loaded.spec)
+    if len(tokenizer) < 2:
+        raise ValueError(f"it has {len(tokenizer)} token(s)")
+    return tokenizer
+
+
+def text_tokenizer(loaded):
+    """The spec's tokenizer, else the model folder's; None where it has none."""
+    try:
+        return spec_tokenizer(loaded)
     except Exception:
         return None
-    return tokenizer if len(tokenizer) > 1 else None  # a config without a vocabulary gives an empty one
 
 
 def is_causal_lm(model) -> bool:
