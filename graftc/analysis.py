@@ -10,8 +10,10 @@ block of one layer's map, never all layers' N x N maps. Per layer it accumulates
 * 2D window mass for k x k windows on the token grid (image models): Chebyshev distance <= (k - 1) / 2,
 * mean attention distance sum_ij A_ij |i - j| / N (and the Euclidean distance on the grid),
 
-averaged over heads, samples and batches (every query row weighs the same). RoPE, q/k norms and attention masks
-are not applied: the maps are those of plain scaled dot-product attention on the projected q and k.
+averaged over heads, samples and batches (every query row weighs the same). The map is the one the layer
+computes: the teacher's q/k norms (Qwen3) and rotary position embeddings (Llama, Qwen3, ...) are applied as the
+module receives them, and so is its attention mask (causal, padding; a causal layer called without a mask gets
+the causal triangle), so padding rows and keys count for nothing.
 
 Activation statistics: the output (first tensor) of every attention and mlp region's cover, streamed: std,
 max|x| / std, excess kurtosis, share of |x - mean| > 6 std, and a recommended stage-1 loss (`LOSS_RULE`).
@@ -32,7 +34,8 @@ from graftc.errors import GraftError
 from graftc.families import family
 from graftc.files import to_device
 from graftc.match import inspect_regions
-from graftc.passes.common import teacher_attention
+from graftc.passes.common import rotate, teacher_attention, teacher_is_causal
+from graftc.site import Call, call_of
 from graftc.rules import submodule
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
@@ -56,11 +59,14 @@ def parse_ks(text: str, what: str = "--ks") -> list[int]:
 
 # ------------------------------------------------------------------ attention maps
 def attention_stats(q: torch.Tensor, k: torch.Tensor, ks: Iterable[int], grid: tuple[int, int] | None = None,
-                    windows: Iterable[int] = DEFAULT_WINDOWS, block: int = 256) -> dict:
+                    windows: Iterable[int] = DEFAULT_WINDOWS, block: int = 256,
+                    allowed: torch.Tensor | None = None) -> dict:
     """Sums over query rows of band mass, window mass and distances for q, k of shape [B, H, N, d].
 
-    Returns {"rows": B*H*N, "band": {k: sum}, "window": {k: sum}, "distance": sum, "distance_2d": sum}; divide
-    by rows for the averages. Softmax rows are computed `block` at a time."""
+    `allowed`: which keys each query may attend to, bool broadcastable to [B, H, N, N] (None: all); a query row
+    with no allowed key (padding) is left out. Returns {"rows": query rows counted, "band": {k: sum},
+    "window": {k: sum}, "distance": sum, "distance_2d": sum}; divide by rows for the averages. Softmax rows are
+    computed `block` at a time."""
     if q.shape != k.shape or q.dim() != 4:
         raise GraftError(f"attention_stats: q and k must both be [B, H, N, d] (got {tuple(q.shape)}, {tuple(k.shape)})")
     batch, heads, n, dh = q.shape
@@ -75,9 +81,19 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, ks: Iterable[int], grid: t
     distance_2d = torch.zeros((), dtype=torch.float64, device=q.device)
     k_band = torch.tensor(ks, device=q.device)
     k_window = torch.tensor([(w - 1) // 2 for w in windows], device=q.device)
+    rows_counted = 0
     for start in range(0, n, max(1, block)):
         stop = min(start + block, n)
-        a = torch.softmax(q32[:, :, start:stop] @ k32.transpose(-1, -2) * scale, dim=-1)  # [B, H, b, N]
+        scores = q32[:, :, start:stop] @ k32.transpose(-1, -2) * scale  # [B, H, b, N]
+        if allowed is not None:
+            keep = allowed[..., start:stop, :] if allowed.shape[-2] == n else allowed
+            keep = keep.expand(batch, heads, stop - start, n)
+            scores = scores.masked_fill(~keep, float("-inf"))
+            a = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed key: all zero, not counted
+            rows_counted += int(keep.any(-1).sum())
+        else:
+            a = torch.softmax(scores, dim=-1)
+            rows_counted += batch * heads * (stop - start)
         mass = a.sum((0, 1)).double()  # [b, N]
         rows = torch.arange(start, stop, device=q.device)
         d = (rows[:, None] - cols[None, :]).abs()  # [b, N]
@@ -90,7 +106,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, ks: Iterable[int], grid: t
             cheb = torch.maximum(dy, dx)
             distance_2d += (mass * torch.sqrt((dy * dy + dx * dx).double())).sum()
             window += torch.stack([(mass * (cheb <= r)).sum() for r in k_window]) if windows else window
-    out = {"rows": batch * heads * n, "band": {kk: float(v) for kk, v in zip(ks, band.tolist())},
+    out = {"rows": rows_counted, "band": {kk: float(v) for kk, v in zip(ks, band.tolist())},
            "distance": float(distance)}
     if use_grid:
         out["window"] = {w: float(v) for w, v in zip(windows, window.tolist())}
@@ -114,7 +130,7 @@ def _projection(region, model):
     inner = teacher.heads * teacher.head_dim
     w, b = teacher.qkv_weight, teacher.qkv_bias
     return (q_mod, k_mod, w[:inner], None if b is None else b[:inner], w[inner:2 * inner],
-            None if b is None else b[inner:2 * inner], teacher.heads, teacher.head_dim)
+            None if b is None else b[inner:2 * inner], teacher.heads, teacher.head_dim, teacher.q_norm, teacher.k_norm)
 
 
 @dataclass
@@ -129,6 +145,10 @@ class _Layer:
     bq: Any = None
     wk: Any = None
     bk: Any = None
+    q_norm: Any = None
+    k_norm: Any = None
+    causal: bool = False
+    call: Call = field(default_factory=Call)  # the rest of the layer's current call (mask, rotary positions)
     pending: dict = field(default_factory=dict)
     rows: int = 0
     tokens: int = 0
@@ -150,8 +170,14 @@ class _Layer:
         batch, n = xq.shape[:2]
         q = proj(xq, self.wq, self.bq).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
         k = proj(xk, self.wk, self.bk).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.call.positions is not None:
+            cos, sin = self.call.positions
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         grid = self.region.attrs.get("grid")
-        s = attention_stats(q, k, self.ks, tuple(grid) if grid else None, self.windows, self.block)
+        s = attention_stats(q, k, self.ks, tuple(grid) if grid else None, self.windows, self.block,
+                            self.allowed(n, q.device))
         self.rows += s["rows"]
         self.tokens = n
         self.distance += s["distance"]
@@ -162,6 +188,18 @@ class _Layer:
             self.distance_2d += s["distance_2d"]
             for w, v in s["window"].items():
                 self.window[w] = self.window.get(w, 0.0) + v
+
+    def allowed(self, n: int, device) -> torch.Tensor | None:
+        """Which keys each query may attend to, [B or 1, 1, N or 1, N] bool: the layer's own mask, else the causal
+        triangle for a causal layer, else None (all)."""
+        mask = self.call.mask
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] == n and mask.shape[-2] in (1, n):
+            keys = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            queries = self.call.valid(n)  # a key-only mask (encoders) lets padding rows attend: leave them out
+            return keys if queries is None else keys & queries[:, None, :, None]
+        if self.causal:
+            return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        return None
 
     def result(self) -> dict:
         r = self.region
@@ -269,12 +307,18 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
         for region in regions:
             if region.kind == "attention":
                 try:
-                    q_mod, k_mod, wq, bq, wk, bk, heads, dh = _projection(region, model)
+                    q_mod, k_mod, wq, bq, wk, bk, heads, dh, q_norm, k_norm = _projection(region, model)
                 except (GraftError, KeyError, RuntimeError, AttributeError) as exc:
                     skipped.append({"fqn": region.fqn, "kind": "attention", "reason": str(exc)[:200]})
                 else:
-                    layer = _Layer(region, ks, windows, block, heads, dh, wq, bq, wk, bk)
+                    layer = _Layer(region, ks, windows, block, heads, dh, wq, bq, wk, bk, q_norm, k_norm,
+                                   teacher_is_causal(region, model))
                     layers.append(layer)
+                    context = region.attrs.get("site", {}).get("context", {})
+                    if region.cover and context:  # the mask and rotary tables the layer is called with
+                        handles.append(submodule(model, region.cover[0]).register_forward_pre_hook(
+                            lambda mod, args, kwargs, layer=layer, context=context:
+                                setattr(layer, "call", call_of(context, args, kwargs)), with_kwargs=True))
                     roles = ("q", "k") if q_mod is k_mod else ("q",)
                     handles.append(q_mod.register_forward_pre_hook(_feeder(layer, roles)))
                     if q_mod is not k_mod:
@@ -306,8 +350,8 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
     return {"ks": ks, "windows": windows, "batches": len(batches),
             "samples": sum(_batch_size(a, kw) for a, kw in batches), "attention": attention, "activations": acts,
             "skipped": skipped, "loss_rule": LOSS_RULE,
-            "notes": ["attention maps are plain softmax(q k^T / sqrt(d)) from the q/k projections: RoPE, q/k "
-                      "normalization and attention masks are not applied",
+            "notes": ["attention maps are softmax(q k^T / sqrt(d)) from the q/k projections with the layer's own "
+                      "q/k norms, rotary position embeddings and attention mask (causal, padding) applied",
                       "share beyond 6 sigma uses each batch's own mean and std"]}
 
 
@@ -443,9 +487,9 @@ def analysis_report(analysis: dict) -> str:
             lines += ["Window columns: mass within a k x k window centred on the query on the token grid "
                       "(Chebyshev distance <= (k-1)/2), the natural 2D variant of sliding-window attention. Mean "
                       "distances are in tokens (flattened index) and in grid cells (Euclidean).", ""]
-        lines += ["Caveats: the maps are plain softmax(q k^T / sqrt(d)) computed from each layer's q and k "
-                  "projections; rotary position embeddings (RoPE), q/k normalization and attention masks are not "
-                  "applied, so for models that have them the figures are approximate.", ""]
+        lines += ["The maps are softmax(q k^T / sqrt(d)) rebuilt from each layer's q and k projections with what the "
+                  "layer itself applies: q/k normalization, rotary position embeddings (RoPE) and its attention "
+                  "mask (a causal layer's query sees only earlier tokens; padding counts for nothing).", ""]
     else:
         lines += ["## Attention locality", "", "No attention layer could be measured.", ""]
     if acts:

@@ -207,6 +207,23 @@ class Call:
         return layer
 
 
+def argument(where: dict | None, args: tuple, kwargs: dict):
+    """The argument a site record points at ({"name", "position"}), or None where the call lacks it."""
+    if where is None:
+        return None
+    if where["name"] is not None and where["name"] in kwargs:
+        return kwargs[where["name"]]
+    if where["position"] is not None and where["position"] < len(args):
+        return args[where["position"]]
+    return None
+
+
+def call_of(context: dict, args: tuple, kwargs: dict) -> Call:
+    """The Call a module received, gathered by its site record's `context` from its arguments."""
+    return Call(*(argument(context.get(role), args, kwargs) for role in CONTEXT_NAMES),
+                layer_idx=context.get("layer_idx"))
+
+
 class Site(torch.nn.Module):
     """Calls `operator(x, call)` on the hidden state wherever the replaced module received it, with the rest of
     the call gathered into a `Call`, and returns the result in the replaced module's output structure (other
@@ -219,23 +236,12 @@ class Site(torch.nn.Module):
         self.returns = site["output"]
         self.context = site.get("context", {})
 
-    def _arg(self, where: dict | None, args: tuple, kwargs: dict):
-        if where is None:
-            return None
-        if where["name"] is not None and where["name"] in kwargs:
-            return kwargs[where["name"]]
-        if where["position"] is not None and where["position"] < len(args):
-            return args[where["position"]]
-        return None
-
     def forward(self, *args, **kwargs):
-        x = self._arg({"name": self.name, "position": self.position}, args, kwargs)
+        x = argument({"name": self.name, "position": self.position}, args, kwargs)
         if x is None:
             raise GraftError(f"{type(self.operator).__name__}: called without its input "
                              f"(expected argument {self.name or self.position})")
-        call = Call(*(self._arg(self.context.get(role), args, kwargs) for role in CONTEXT_NAMES),
-                    layer_idx=self.context.get("layer_idx"))
-        y = self.operator(x, call)
+        y = self.operator(x, call_of(self.context, args, kwargs))
         if self.returns["kind"] == "tensor":
             return y
         return tuple(y if i == self.returns["at"] else None for i in range(self.returns["length"]))

@@ -265,3 +265,36 @@ def test_least_sensitive_first_needs_the_measurement(tmp_path):
     [measured] = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "analysis").glob("sensitivity-*.json")]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert measured["steps"] == 2 and [r["index"] for r in manifest["rewrites"]] == sorted(measured["order"][:3])
+
+
+@pytest.mark.parametrize("make", ["make_qwen3", "make_llama", "make_bert"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_locality_is_measured_on_the_map_the_layer_computes(make, padded):
+    """Band mass and mean distance equal those of the attention weights the model itself returns (eager attention,
+    output_attentions): with Qwen3's q/k norms, RoPE (Llama, Qwen3), the causal mask of the decoders (which SDPA
+    decoders get as no mask at all when nothing is padded) and a padded batch, where padding rows count for
+    nothing. Dropping RoPE, the norms, the causal triangle or the padding rows changes the figures."""
+    from tests import zoo
+
+    model = getattr(zoo, make)()
+    torch.manual_seed(1)
+    ids = torch.randint(3, zoo.VOCAB_SIZE, (3, 20))
+    mask = torch.ones_like(ids)
+    if padded and make == "make_bert":
+        mask[1, 13:] = 0  # right padding
+    elif padded:
+        mask[1, :6] = 0  # left padding, as generate() pads
+    ks = [1, 2, 4, 8]
+    analysis = analyze(model, [{"input_ids": ids, "attention_mask": mask, "use_cache": False}], ks=ks)
+    model.config._attn_implementation = "eager"  # the reference: the weights the model's own attention computes
+    with torch.no_grad():
+        maps = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(analysis["attention"]) == len(maps) == 2
+    distance = (torch.arange(20)[:, None] - torch.arange(20)[None, :]).abs().double()
+    rows = mask.bool()[:, None, :, None].expand(-1, maps[0].shape[1], -1, 20)  # real query rows
+    for measured, a in zip(analysis["attention"], maps):
+        a = a.double().where(rows, 0)
+        count = rows[..., 0].sum()
+        for k in ks:
+            assert measured["band_mass"][str(k)] == pytest.approx(float((a * (distance <= k)).sum() / count), abs=1e-6)
+        assert measured["mean_distance"] == pytest.approx(float((a * distance).sum() / count), rel=1e-6)
