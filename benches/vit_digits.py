@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import graftc  # noqa: E402,F401  (before transformers: graftc.kernels must be importable first)
 from graftc.cli import main  # noqa: E402
-from graftc.distill.data import make_task  # noqa: E402
+from graftc.families import make_task  # noqa: E402
 from graftc.plan import parse_plan  # noqa: E402
 from graftc.spec import load_model  # noqa: E402
 from tests import zoo  # noqa: E402

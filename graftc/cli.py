@@ -17,9 +17,9 @@ from graftc import analysis, artifact, evaluate, rankings, samples, sweep
 from graftc.compiler import emit_code, graft
 from graftc.distill import check_resume
 from graftc.distill import run as run_distill
-from graftc.distill.data import make_task
 from graftc.distill.speed import compare
 from graftc.errors import GraftError
+from graftc.families import make_task
 from graftc.families.transformers import is_causal_lm, text_tokenizer
 from graftc.files import to_device, write_atomic_dir
 from graftc.interrupt import Interrupted, interruptible
@@ -74,8 +74,9 @@ def _compile_locked(args, plan, out) -> int:
     distill = quality = files = None
     preview = samples.preview(loaded, plan.data, args.seed, log=print)  # None for models with neither
     if plan.distill is not None:
-        outcome = run_distill(teacher, result.model, result.rewrites, plan, loaded, workdir, args.resume, args.seed,
-                              log=lambda line: print(line, flush=True), base_hash=base_hash, preview=preview)
+        outcome = run_distill(teacher, result.model, result.rewrites, plan, loaded, make_task(loaded, plan.data, args.seed),
+                              workdir, args.resume, args.seed, log=lambda line: print(line, flush=True),
+                              base_hash=base_hash, preview=preview)
         if not outcome.main:  # under torchrun only rank 0 writes the artifact
             return 0
         distill, quality, files = outcome.summary, outcome.quality, outcome.files

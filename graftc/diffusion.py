@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from graftc.distill.logs import Progress
 from graftc.errors import GraftError
+from graftc.progress import Progress
 
 __all__ = ["Diffusion", "dit_eps", "guided_eps", "sample_dit"]
 

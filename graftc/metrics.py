@@ -1,6 +1,9 @@
 """Metrics: Frechet distance of features (FD, sFID), Inception Score, k-NN precision / recall (Kynkaanniemi et
-al., 2019), and the mean squared difference of two models' outputs."""
+al., 2019), the mean squared difference of two models' outputs, and an encoder's sentence embedding. Family-
+independent: graftc.evaluate and the model families (graftc.families) both build on them."""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -99,3 +102,17 @@ def output_error(task, teacher, student, batches, each=None) -> float:
             each(batch, t_out, s_out, t, s)
     return total / max(count, 1)
 
+
+def sentence_embedding(output, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, H] float64: the attention-mask-weighted mean of an encoder's last hidden state over its tokens (the
+    pooling of sentence-transformers' MiniLM and most of its models)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(output, "hidden_states", None)
+        if not states:
+            raise GraftError("embedding cosine: the encoder's output has neither last_hidden_state nor hidden_states")
+        hidden = states[-1]
+    hidden = hidden.double()
+    mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if attention_mask is None \
+        else attention_mask.to(hidden)
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)

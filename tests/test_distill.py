@@ -17,8 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from graftc.cli import main
-from graftc.distill.data import Batch, make_task
+from graftc.distill.data import Batch
 from graftc.distill.stage2 import add_lora
+from graftc.families import make_task
 from graftc.passes import rules_by_op
 from graftc.plan import parse_plan
 from graftc.spec import load_model

@@ -136,7 +136,8 @@ def test_diffusers_teacher_samples_apply_guidance(tmp_path):
     """A class-conditional diffusers DiT's teacher samples with classifier-free guidance (one batched call through
     graftc.diffusion.guided_eps) follow eps_u + s (eps_c - eps_u) from separate conditional and null-class calls
     in the same DDIM loop; guidance changes them."""
-    from graftc.distill.data import generator, make_task
+    from graftc.distill.data import generator
+    from graftc.families import make_task
     from graftc.plan import parse_plan
 
     loaded = load_model(zoo.diffusers_dit(tmp_path / "dit"))

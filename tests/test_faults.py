@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from graftc.distill.data import make_task
+from graftc.families import make_task
 from graftc.plan import parse_plan
 from graftc.spec import load_model
 
@@ -260,7 +260,7 @@ CONCURRENT = """
 import sys, time
 from pathlib import Path
 from safetensors.torch import save_file
-from graftc.distill.data import make_task
+from graftc.families import make_task
 from graftc.plan import parse_plan
 from graftc.spec import load_model
 me, go = Path(sys.argv[1]), Path(sys.argv[2])

@@ -17,8 +17,9 @@ import yaml
 import graftc
 from graftc import samples
 from graftc.cli import main
-from graftc.distill.logs import Progress, ema, needs_log_scale
+from graftc.distill.logs import ema, needs_log_scale
 from graftc.plan import parse_plan
+from graftc.progress import Progress
 from graftc.spec import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_copy_graft_gives_the_teachers_tiles_and_a_changed_graft_does_not(tmp_pa
     assert len(seen["teacher"]) == 3  # one forward per DDIM step
     torch.testing.assert_close(seen["random"][0], seen["teacher"][0], rtol=0, atol=0)
     # ... which is the grid's own noise, not that of the training samples
-    from graftc.distill.data import make_task
+    from graftc.families import make_task
 
     check = first_inputs(teacher)
     samples.image_task(loaded, data(tmp_path), 0).generate(teacher, torch.arange(5))  # the grid's sampler

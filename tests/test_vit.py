@@ -151,7 +151,7 @@ def test_swa2d_graft_round_trips_bit_exactly(vision, tmp_path):
 
 # ------------------------------------------------------------------------------------------- data, distillation, eval
 def test_digits_are_scaled_and_normalized_as_the_model_expects(tmp_path):
-    from graftc.distill.data import make_task
+    from graftc.families import make_task
     from graftc.models.demo import load_digits_tensor
     from graftc.plan import parse_plan
 
@@ -181,7 +181,7 @@ def test_digits_are_scaled_and_normalized_as_the_model_expects(tmp_path):
 
 
 def test_a_processor_mean_that_does_not_fit_the_channels_is_one_clear_error(tmp_path):
-    from graftc.distill.data import make_task
+    from graftc.families import make_task
     from graftc.plan import parse_plan
 
     spec = zoo.vit(tmp_path / "vit")
@@ -195,7 +195,7 @@ def test_a_processor_mean_that_does_not_fit_the_channels_is_one_clear_error(tmp_
 def test_images_file_is_checked_against_the_model(tmp_path):
     from safetensors.torch import save_file
 
-    from graftc.distill.data import make_task
+    from graftc.families import make_task
     from graftc.plan import parse_plan
 
     loaded = load_model(zoo.vit(tmp_path / "vit"))
@@ -214,7 +214,7 @@ def test_images_file_is_checked_against_the_model(tmp_path):
 @pytest.fixture(scope="module")
 def digits_vit(tmp_path_factory):
     """The zoo ViT trained on the digits' training images for a few seconds (a teacher with real predictions)."""
-    from graftc.distill.data import make_task
+    from graftc.families import make_task
     from graftc.plan import parse_plan
 
     model = zoo.make_vit().train()
@@ -257,7 +257,7 @@ def test_distillation_on_digits_brings_a_swa2d_graft_closer_and_eval_reports_top
     assert models["teacher"]["top1_accuracy"] > 0.5  # the teacher really classifies the digits
     assert abs(models["graft"]["top1_accuracy"] - models["teacher"]["top1_accuracy"]) < 0.1
     # the reported top-1 agreement, recomputed here from the artifact on the held-out images
-    from graftc.distill.data import make_task
+    from graftc.families import make_task
     from graftc.plan import parse_plan
 
     loaded = load_model(digits_vit)

@@ -18,7 +18,7 @@ import torch
 
 from graftc import interrupt
 from graftc.distill import checkpoint as ckpt
-from graftc.distill.data import DiffusionTask, make_task
+from graftc.distill.data import DiffusionTask
 from graftc.distill.logs import Scalars, plot_losses
 from graftc.distill.parallel import world as get_world
 from graftc.distill.stage1 import Stage1Trainer, build_nodes
@@ -87,16 +87,16 @@ def _check_fingerprint(made, now: dict, workdir: Path) -> None:
                              "or run without --resume to start over")
 
 
-def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict], plan, loaded, workdir: Path,
+def run(teacher: torch.nn.Module, student: torch.nn.Module, rewrites: list[dict], plan, loaded, task, workdir: Path,
         resume: bool, seed: int, log=print, base_hash: str | None = None, preview=None) -> Outcome:
-    """`base_hash`: the teacher's weights_hash, if the caller has it already (it goes into the fingerprint).
+    """`task`: the model's distillation task for `plan.data` and `seed` (graftc.families.make_task).
+    `base_hash`: the teacher's weights_hash, if the caller has it already (it goes into the fingerprint).
     `preview` (graftc.samples.Grid or Continuations): drawn for the teacher, after stage 1 and at the end."""
     cfg = plan.distill
     w = get_world()
     teacher.to(w.device).eval().requires_grad_(False)
     student.to(w.device).eval()
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
-    task = make_task(loaded, plan.data, seed)
     if cfg.stage2 is not None and cfg.stage2.snr_gamma and not isinstance(task, DiffusionTask):
         raise GraftError(f"distill.stage2.snr_gamma: {loaded.spec} is not a diffusion model, so its samples have no "
                          "noise level to weight by; remove snr_gamma")

@@ -2,8 +2,8 @@
 
 A `Task` knows one model family: how to make (and cache) the samples, how to turn a batch of samples into the
 model's inputs, which tensor of the output to compare, and the model's own training loss. Each family's tasks
-live in its module of graftc.families (`make_task` picks one by `Loaded.family`); here are the base, batches,
-the sample cache, the losses and the base of the two diffusion families' tasks. Batches are a pure
+live in its module of graftc.families (`graftc.families.make_task` picks one by `Loaded.family`); here are the
+base, batches, the sample cache, the losses and the base of the two diffusion families' tasks. Batches are a pure
 function of (seed, split, step): a resumed or sharded run sees exactly the data an uninterrupted single-process
 run sees (each rank takes its slice of the same global batch).
 """
@@ -24,11 +24,10 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-from graftc.distill.logs import Progress
 from graftc.errors import GraftError
-from graftc.families import family
 from graftc.files import to_device, weights_hash, write_atomic
 from graftc.models.demo import load_digits_tensor
+from graftc.progress import Progress
 
 SHARD = 256  # samples per cache shard
 
@@ -345,8 +344,3 @@ class DiffusionTask(Task):
     def own_loss(self, output, batch, weights=None):
         noise = batch.target["noise"]
         return mse(output[:, : noise.shape[1]], noise, weights)
-
-
-def make_task(loaded, data, seed: int) -> Task:
-    """The task for a loaded model, by its family (graftc.families)."""
-    return family(loaded.family).task(loaded, data, seed)

@@ -18,8 +18,8 @@ from torch import nn
 
 from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import Batch, Task, first_tensor, real_tokens
-from graftc.distill.logs import Progress
 from graftc.distill.parallel import World
+from graftc.progress import Progress
 
 LOSSES = {
     "l1": lambda a, b, delta: F.l1_loss(a, b),

@@ -19,9 +19,9 @@ from torch import nn
 
 from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import Task, generator, real_tokens
-from graftc.distill.logs import Progress
 from graftc.distill.parallel import World
 from graftc.errors import GraftError
+from graftc.progress import Progress
 
 # A tied LM head's update is merged into the matrix it shares with the embedding, so the two stay tied (the
 # artifact stores the model's own structure); peft's warnings about tied layers do not apply.

@@ -1,35 +1,20 @@
-"""Quality measurements through the model's distillation task, for any family; what only one family measures
-(DiT sample quality, held-out text) lives in its graftc.families module.
-
-* Agreement (any model, :func:`agreement`): MSE and cosine between teacher and graft outputs on held-out inputs
-  of the model's distillation task (``graftc.distill.data.make_task``); for encoders also the cosine of their
-  sentence embeddings (mask-weighted mean of the last hidden state); for image classifiers top-1 agreement.
-* Perplexity (:func:`perplexity`): of a causal LM on the held-out blocks of a text its task cuts.
+"""Agreement (any model, :func:`agreement`): MSE and cosine between teacher and graft outputs on held-out inputs
+of the model's distillation task (``graftc.families.make_task``); for encoders also the cosine of their sentence
+embeddings (``graftc.metrics.sentence_embedding``); for image classifiers top-1 agreement. What only one family
+measures (DiT sample quality, perplexity, held-out text) lives in its graftc.families module.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from graftc.distill.data import make_task
-from graftc.errors import GraftError
-from graftc.evaluate.metrics import output_error
-from graftc.plan import parse_plan
-
-
-def _eval_data(loaded, **update):
-    """The plan's default data settings with `update`, text blocks no longer than the model can embed."""
-    data = parse_plan({"version": 1}).data
-    positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and 2 <= positions < data.seq_len:
-        update["seq_len"] = positions
-    return data.model_copy(update={"fd_samples": 0, **update})
-
+from graftc.families import make_task
+from graftc.families.example import eval_data
+from graftc.metrics import output_error, sentence_embedding
 
 
 @torch.no_grad()
@@ -41,8 +26,8 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
     held-out images both give the same class, and where the images' labels are the classifier's classes each
     model's ``top1_accuracy`` ({"teacher": ..., "graft": ...})."""
     with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
-        data = _eval_data(loaded, samples=max(samples, 4), sampler_steps=steps, cfg_scale=cfg, val_fraction=0.5,
-                          text=text, cache=cache or tmp)
+        data = eval_data(loaded, samples=max(samples, 4), sampler_steps=steps, cfg_scale=cfg, val_fraction=0.5,
+                         text=text, cache=cache or tmp)
         task = make_task(loaded, data, seed)
         task.prepare(teacher, log=lambda line: None)
         # a task with a held-out test split (images) is evaluated on it, else on its validation split
@@ -80,41 +65,3 @@ def agreement(teacher, student, loaded, samples: int, steps: int, cfg: float, se
         if labelled:
             out["top1_accuracy"] = {name: hits[name] / cos.numel() for name in ("teacher", "graft")}
     return out
-
-
-def sentence_embedding(output, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, H] float64: the attention-mask-weighted mean of an encoder's last hidden state over its tokens (the
-    pooling of sentence-transformers' MiniLM and most of its models)."""
-    hidden = getattr(output, "last_hidden_state", None)
-    if hidden is None:
-        states = getattr(output, "hidden_states", None)
-        if not states:
-            raise GraftError("embedding cosine: the encoder's output has neither last_hidden_state nor hidden_states")
-        hidden = states[-1]
-    hidden = hidden.double()
-    mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if attention_mask is None \
-        else attention_mask.to(hidden)
-    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-
-
-@torch.no_grad()
-def perplexity(model, loaded, text: str, seed: int, cache: Optional[str] = None, batch_size: int = 8) -> Optional[float]:
-    """exp(mean next-token cross-entropy) over the held-out blocks of `text`; None for models that are not
-    causal language models."""
-    with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
-        task = make_task(loaded, _eval_data(loaded, text=text, cache=cache or tmp), seed)
-        if task.own_objective != "lm":
-            return None
-        task.prepare(model, log=lambda line: None)
-        batches = task.val_batches(batch_size)
-    device = next(model.parameters()).device
-    total = count = 0.0
-    for b in batches:
-        ids = b.kwargs["input_ids"].to(device)
-        out = task.output(model(**{**b.kwargs, "input_ids": ids}))
-        tokens = ids[:, 1:].numel()
-        total += float(task.own_loss(out, type(b)(b.args, b.kwargs, {"input_ids": ids}))) * tokens
-        count += tokens
-    return math.exp(total / count)
-
-

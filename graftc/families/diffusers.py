@@ -16,7 +16,7 @@ from graftc.distill.data import Batch, DiffusionTask, generator
 from graftc.errors import GraftError
 from graftc.families import example
 from graftc.families.example import evaluate  # noqa: F401  (graftc eval: agreement only, so far)
-from graftc.spec import Loaded, from_pretrained
+from graftc.loaded import Loaded, from_pretrained
 
 MAKES_IMAGES = True
 

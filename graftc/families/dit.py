@@ -6,10 +6,10 @@ import torch
 
 from graftc.diffusion import Diffusion, sample_dit
 from graftc.distill.data import Batch, DiffusionTask, generator
-from graftc.evaluate.metrics import fd_of_features, inception_score, precision_recall
+from graftc.metrics import fd_of_features, inception_score, precision_recall
 from graftc.models.demo import demo_fd, load_demo_dit
 from graftc.models.dit import build_dit, example_inputs, load_dit_checkpoint
-from graftc.spec import Loaded
+from graftc.loaded import Loaded
 
 MAKES_IMAGES = True
 

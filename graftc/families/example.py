@@ -1,5 +1,6 @@
 """Models with no family of their own (python:MODULE:FUNCTION factories, timm models without a classifier head):
-loading a factory, and random inputs shaped like the example inputs as distillation data."""
+loading a factory, and random inputs shaped like the example inputs as distillation data; and what every family's
+graftc eval shares (the held-out data settings, the note for models it does not sample)."""
 from __future__ import annotations
 
 import importlib
@@ -10,7 +11,8 @@ import torch
 
 from graftc.distill.data import Batch, Task
 from graftc.errors import GraftError, one_line
-from graftc.spec import Loaded
+from graftc.loaded import Loaded
+from graftc.plan import parse_plan
 
 MAKES_IMAGES = False
 
@@ -94,3 +96,13 @@ def evaluate(run) -> bool:
     """graftc eval's figures for a family with none of its own: only agreement on held-out task inputs."""
     no_sample_quality(run)
     return True
+
+
+def eval_data(loaded, **update):
+    """The plan's default data settings with `update`, text blocks no longer than the model can embed: the data of
+    graftc eval's held-out measurements (agreement, perplexity)."""
+    data = parse_plan({"version": 1}).data
+    positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and 2 <= positions < data.seq_len:
+        update["seq_len"] = positions
+    return data.model_copy(update={"fd_samples": 0, **update})

@@ -23,7 +23,7 @@ from graftc.errors import GraftError, one_line, read_json
 from graftc.families.example import evaluate  # noqa: F401  (graftc eval: agreement, top-1 from the task)
 from graftc.files import check_fits, read_weights
 from graftc.models.demo import load_digits_tensor
-from graftc.spec import Loaded, parse_options
+from graftc.loaded import Loaded, parse_options
 
 MAKES_IMAGES = False
 DEFAULT_MEAN_STD = (0.5, 0.5)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,10 @@ import torch.nn.functional as F
 from graftc import text
 from graftc.distill.data import Batch, Task, first_tensor
 from graftc.errors import GraftError, one_line
-from graftc.evaluate.quality import perplexity, sentence_embedding
-from graftc.families.example import no_sample_quality
+from graftc.families.example import eval_data, no_sample_quality
 from graftc.families.images import image_kwargs
-from graftc.spec import EXAMPLE_TEXT, Loaded, from_pretrained
+from graftc.loaded import EXAMPLE_TEXT, Loaded, from_pretrained
+from graftc.metrics import sentence_embedding
 
 MAKES_IMAGES = False
 
@@ -321,6 +322,27 @@ def heldout_quality(teacher, graft, loaded, tokenizer, context: int = 128, new_t
     log(f"eval: embeddings of {len(found)} held-out sentences, teacher beside graft")
     return {"models": {}, "settings": {"sentences": len(found)},
             "agreement": embedding_quality(teacher, graft, tokenizer, found)}
+
+
+@torch.no_grad()
+def perplexity(model, loaded, text: str, seed: int, cache: Optional[str] = None, batch_size: int = 8) -> Optional[float]:
+    """exp(mean next-token cross-entropy) over the held-out blocks of `text`; None for models that are not
+    causal language models."""
+    with tempfile.TemporaryDirectory(prefix="graftc-eval-") as tmp:
+        blocks = task(loaded, eval_data(loaded, text=text, cache=cache or tmp), seed)
+        if blocks.own_objective != "lm":
+            return None
+        blocks.prepare(model, log=lambda line: None)
+        batches = blocks.val_batches(batch_size)
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for b in batches:
+        ids = b.kwargs["input_ids"].to(device)
+        out = blocks.output(model(**{**b.kwargs, "input_ids": ids}))
+        tokens = ids[:, 1:].numel()
+        total += float(blocks.own_loss(out, type(b)(b.args, b.kwargs, {"input_ids": ids}))) * tokens
+        count += tokens
+    return math.exp(total / count)
 
 
 def evaluate(run) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graftc.diffusion import sample_dit
 from graftc.errors import GraftError, one_line
 from graftc.models.dit import DIT_CONFIGS, build_dit, load_dit_checkpoint
 
@@ -189,9 +190,6 @@ def demo_fd(model, n: int = 1000, steps: int = DEMO_STEPS, cfg_scale: float = DE
     and samples are clamped to [-1, 1] like images before their features are taken. Lower is better; the
     committed teacher and the data's own noise floor are recorded in ``weights/tiny-dit.json``. ``net`` and
     ``ref`` (mu, sigma) default to the committed feature network and ``reference_stats()``."""
-    # here, not at the top: graftc.diffusion's progress bars come from graftc.distill, whose data module loads this
-    from graftc.diffusion import sample_dit
-
     if n < 2:
         raise GraftError(f"demo_fd: n must be at least 2 (got {n})")
     labels = torch.arange(n) % 10
