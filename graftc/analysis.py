@@ -34,8 +34,8 @@ from graftc.errors import GraftError
 from graftc.families import family
 from graftc.files import to_device
 from graftc.match import inspect_regions
-from graftc.passes.common import rotate, teacher_attention, teacher_is_causal
-from graftc.site import Call, call_of
+from graftc.passes.common import TeacherAttention, rotate, teacher_attention, teacher_is_causal
+from graftc.site import Call, attendable, call_of
 from graftc.rules import submodule
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
@@ -115,8 +115,8 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, ks: Iterable[int], grid: t
 
 
 def _projection(region, model):
-    """(q-input module, k-input module, Wq, bq, Wk, bk): the teacher's q and k projections with GQA heads
-    repeated (passes.common.teacher_attention splits fused qkv Linears and repeats kv heads)."""
+    """(q-input module, k-input module, the teacher's attention with GQA heads repeated): passes.common's
+    teacher_attention splits fused qkv Linears, repeats kv heads and keeps the q/k norms."""
     roles = region.roles
     if "qkv" in roles:
         q_mod = k_mod = submodule(model, roles["qkv"])
@@ -126,11 +126,7 @@ def _projection(region, model):
         raise GraftError("no q/k projection Linears found")
     if not (isinstance(q_mod, torch.nn.Linear) and isinstance(k_mod, torch.nn.Linear)):
         raise GraftError("the q/k projections are not Linear modules")
-    teacher = teacher_attention(region, model, repeat_kv=True)
-    inner = teacher.heads * teacher.head_dim
-    w, b = teacher.qkv_weight, teacher.qkv_bias
-    return (q_mod, k_mod, w[:inner], None if b is None else b[:inner], w[inner:2 * inner],
-            None if b is None else b[inner:2 * inner], teacher.heads, teacher.head_dim, teacher.q_norm, teacher.k_norm)
+    return q_mod, k_mod, teacher_attention(region, model, repeat_kv=True)
 
 
 @dataclass
@@ -139,14 +135,7 @@ class _Layer:
     ks: list
     windows: list
     block: int
-    heads: int = 0
-    head_dim: int = 0
-    wq: Any = None
-    bq: Any = None
-    wk: Any = None
-    bk: Any = None
-    q_norm: Any = None
-    k_norm: Any = None
+    teacher: TeacherAttention
     causal: bool = False
     call: Call = field(default_factory=Call)  # the rest of the layer's current call (mask, rotary positions)
     pending: dict = field(default_factory=dict)
@@ -166,12 +155,10 @@ class _Layer:
         if xq.dim() != 3 or xk.shape != xq.shape:
             self.pending.clear()
             return
-        proj = lambda x, w, b: torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))  # noqa: E731
-        batch, n = xq.shape[:2]
-        q = proj(xq, self.wq, self.bq).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
-        k = proj(xk, self.wk, self.bk).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        t, batch, n = self.teacher, *xq.shape[:2]
+        q, k = (self._heads(x, part, batch, n) for x, part in ((xq, 0), (xk, 1)))
+        if t.q_norm is not None:
+            q, k = t.q_norm(q), t.k_norm(k)
         if self.call.positions is not None:
             cos, sin = self.call.positions
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -189,12 +176,20 @@ class _Layer:
             for w, v in s["window"].items():
                 self.window[w] = self.window.get(w, 0.0) + v
 
+    def _heads(self, x: torch.Tensor, part: int, batch: int, n: int) -> torch.Tensor:
+        """x [B, N, D] through the teacher's q (part 0) or k (part 1) projection, as [B, heads, N, head_dim]."""
+        t = self.teacher
+        rows = slice(part * t.heads * t.head_dim, (part + 1) * t.heads * t.head_dim)
+        bias = None if t.qkv_bias is None else t.qkv_bias[rows].to(x.dtype)
+        y = torch.nn.functional.linear(x, t.qkv_weight[rows].to(x.dtype), bias)
+        return y.view(batch, n, t.heads, t.head_dim).transpose(1, 2)
+
     def allowed(self, n: int, device) -> torch.Tensor | None:
         """Which keys each query may attend to, [B or 1, 1, N or 1, N] bool: the layer's own mask, else the causal
         triangle for a causal layer, else None (all)."""
         mask = self.call.mask
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] == n and mask.shape[-2] in (1, n):
-            keys = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            keys = attendable(mask)
             queries = self.call.valid(n)  # a key-only mask (encoders) lets padding rows attend: leave them out
             return keys if queries is None else keys & queries[:, None, :, None]
         if self.causal:
@@ -203,7 +198,8 @@ class _Layer:
 
     def result(self) -> dict:
         r = self.region
-        out = {"index": r.index, "fqn": r.fqn, "heads": self.heads, "head_dim": self.head_dim, "tokens": self.tokens,
+        out = {"index": r.index, "fqn": r.fqn, "heads": self.teacher.heads, "head_dim": self.teacher.head_dim,
+               "tokens": self.tokens,
                "band_mass": {str(k): v / self.rows for k, v in sorted(self.band.items())},
                "mean_distance": self.distance / self.rows}
         if self.grid_used:
@@ -307,12 +303,11 @@ def analyze(model: torch.nn.Module, task_or_batches, ks: Iterable[int] = DEFAULT
         for region in regions:
             if region.kind == "attention":
                 try:
-                    q_mod, k_mod, wq, bq, wk, bk, heads, dh, q_norm, k_norm = _projection(region, model)
+                    q_mod, k_mod, teacher = _projection(region, model)
                 except (GraftError, KeyError, RuntimeError, AttributeError) as exc:
                     skipped.append({"fqn": region.fqn, "kind": "attention", "reason": str(exc)[:200]})
                 else:
-                    layer = _Layer(region, ks, windows, block, heads, dh, wq, bq, wk, bk, q_norm, k_norm,
-                                   teacher_is_causal(region, model))
+                    layer = _Layer(region, ks, windows, block, teacher, teacher_is_causal(region, model))
                     layers.append(layer)
                     context = region.attrs.get("site", {}).get("context", {})
                     if region.cover and context:  # the mask and rotary tables the layer is called with

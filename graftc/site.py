@@ -150,6 +150,11 @@ def site_problem(region: Region) -> str | None:
     return None
 
 
+def attendable(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean or additive attention mask as booleans: True where attention may go."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 @dataclass
 class Call:
     """What the replaced module received besides its hidden state. Any field may be None: a diffusion model
@@ -176,8 +181,7 @@ class Call:
         width, steps = mask.shape[-1], torch.arange(tokens, device=mask.device)
         cols = past + steps if width >= past + tokens else width - tokens + steps
         rows = steps if mask.shape[-2] == tokens else torch.zeros_like(steps)  # [B, 1, 1, K] key-only masks
-        diagonal = mask[:, 0, rows, cols]
-        valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+        valid = attendable(mask[:, 0, rows, cols])
         if is_fake(valid):  # a shape-only forward: take the padded path, whose shapes are the same
             return valid
         return None if bool(valid.all()) else valid
