@@ -135,12 +135,12 @@ class Stage1Trainer:
 
         def fit(users):
             def hook(module, args, kwargs, output):
-                target = first_tensor(output).float()
+                target, = real_tokens(mask, first_tensor(output).float())  # cut once for every node it serves
                 for node, i in users:
                     a, kw = inputs[node.pairs[i][0]]
                     with torch.enable_grad() if train else torch.no_grad():
-                        pred, target_ = real_tokens(mask, first_tensor(node.modules[i](*a, **kw)).float(), target)
-                        loss = LOSSES[node.loss](pred, target_, self.cfg.huber_delta) / len(node.pairs)
+                        pred, = real_tokens(mask, first_tensor(node.modules[i](*a, **kw)).float())
+                        loss = LOSSES[node.loss](pred, target, self.cfg.huber_delta) / len(node.pairs)
                         if train and torch.isfinite(loss):
                             loss.backward()
                     node.pending += float(loss)
