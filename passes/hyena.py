@@ -10,6 +10,10 @@ out_proj Dm -> D'. They differ only in which convolutions run:
 Attention ops with `init: teacher` take q|k|v rows of in_proj and out_proj from the teacher's attention (GQA heads
 repeated) and start the featurizer as the identity, so at step 0 the operator gates the teacher's own projections.
 
+`hyena_x` with `causal: false` centres its featurizer for encoders and image models: each output also reads the
+(kernel-1)//2 tokens after it. It is the causal featurizer read that many positions later (zeros after the last
+token), so the same kernels serve it; the guard refuses it where the model decodes with a cache.
+
 Decoding keeps an O(kernel) state per layer in transformers' conv/recurrent cache layer: the last kernel-1 inputs
 of each short convolution, so a decode step costs O(width x kernel) whatever the context. In a padded batch the
 padding's inputs are zeroed before each convolution, so they never reach a real token.
@@ -27,11 +31,11 @@ import torch.nn.functional as F
 from graftc.kernels.hyena import conv_tail, hyena_continue, hyena_conv
 from graftc.match import Region
 from graftc.rules import Rule
-from graftc.passes.common import (MixerConfig, TeacherAttention, install, like, projections, teacher_attention,
-                                  widths)
+from graftc.passes.common import (MixerConfig, TeacherAttention, guard_causal_decoding, install, like, projections,
+                                  teacher_attention, widths)
 from graftc.site import Call
 
-KernelField = Field(4, ge=1, le=128, description="taps of each causal short convolution")
+KernelField = Field(4, ge=1, le=128, description="taps of each short convolution")
 
 
 class HyenaMixer(torch.nn.Module):
@@ -40,14 +44,16 @@ class HyenaMixer(torch.nn.Module):
     decode_state = "short-conv inputs"
 
     def __init__(self, width: int, inner: int, out_width: int, kernel: int, featurize: bool, inner_filter: bool,
-                 teacher: TeacherAttention | None = None, **like):
+                 teacher: TeacherAttention | None = None, lookahead: int = 0, **like):
         super().__init__()
-        self.kernel = kernel
+        if lookahead and (inner_filter or not featurize or lookahead >= kernel):
+            raise ValueError("only a featurizer without an inner filter can look ahead, by fewer than kernel tokens")
+        self.kernel, self.lookahead = kernel, lookahead
         self.in_proj, self.out_proj = projections(width, inner, inner, out_width, teacher, **like)
         self.feat_weight = self.feat_bias = self.inner_weight = None
         if featurize:
-            if teacher is not None:
-                self.feat_weight = torch.nn.Parameter(identity_taps(3 * inner, kernel, **like))
+            if teacher is not None:  # the tap that reads the token itself
+                self.feat_weight = torch.nn.Parameter(identity_taps(3 * inner, kernel, kernel - 1 - lookahead, **like))
             else:
                 bound = 1 / math.sqrt(kernel)  # nn.Conv1d's default for a depthwise kernel
                 self.feat_weight = torch.nn.Parameter(torch.empty(3 * inner, kernel, **like).uniform_(-bound, bound))
@@ -62,8 +68,10 @@ class HyenaMixer(torch.nn.Module):
         u = self.in_proj(x)
         cached = call.state(RecurrentState, RecurrentState) if call.cache is not None else None
         valid = call.valid(x.shape[-2], cached.seen if cached is not None else 0)
+        if cached is not None and self.lookahead:
+            raise RuntimeError("a hyena_x with causal: false reads later tokens, so it cannot decode with a cache")
         if valid is None and (cached is None or cached.seen == 0):  # a whole sequence, no padding: fused kernels
-            y = hyena_conv(u, self.feat_weight, self.feat_bias, self.inner_weight)
+            y = self._ahead(hyena_conv(self._pad_end(u), self.feat_weight, self.feat_bias, self.inner_weight))
             if cached is not None:  # a prompt into a fresh cache: keep what the next token's convolutions read
                 self._seed(cached, u)
             return self.out_proj(y)
@@ -75,7 +83,17 @@ class HyenaMixer(torch.nn.Module):
             cached.seen += x.shape[-2]
         else:
             history = lambda t, i: F.pad(t, (0, 0, max(self.kernel - 1, 1), 0))
-        return self.out_proj(hyena_continue(u, history, self.feat_weight, self.feat_bias, self.inner_weight, mask))
+        mask = None if mask is None else self._pad_end(mask)  # padding's inputs are zero, as are those after the end
+        y = hyena_continue(self._pad_end(u), history, self.feat_weight, self.feat_bias, self.inner_weight, mask)
+        return self.out_proj(self._ahead(y))
+
+    def _pad_end(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero inputs after the last token, which a centred featurizer reads."""
+        return F.pad(t, (0, 0, 0, self.lookahead)) if self.lookahead else t
+
+    def _ahead(self, y: torch.Tensor) -> torch.Tensor:
+        """Output t of a centred featurizer is the causal one's output t + lookahead."""
+        return y[:, self.lookahead:] if self.lookahead else y
 
     def _seed(self, cached, u: torch.Tensor) -> None:
         """The states hyena_continue would have left after the prompt u: the featurizer's last kernel-1 inputs
@@ -96,9 +114,10 @@ class HyenaMixer(torch.nn.Module):
         cached.seen += length
 
 
-def identity_taps(channels: int, kernel: int, **like) -> torch.Tensor:
+def identity_taps(channels: int, kernel: int, at: int | None = None, **like) -> torch.Tensor:
+    """Depthwise taps that pass tap `at` (default: the last, the token itself in a causal conv) through."""
     taps = torch.zeros(channels, kernel, **like)
-    taps[:, -1] = 1.0
+    taps[:, kernel - 1 if at is None else at] = 1.0
     return taps
 
 
@@ -108,6 +127,8 @@ class HyenaConfig(MixerConfig):
 
 class HyenaXConfig(HyenaConfig):
     op: Literal["hyena_x"] = "hyena_x"
+    causal: bool = Field(True, description="false: a centred featurizer that also reads the (kernel-1)//2 later "
+                                           "tokens (encoders, image models; refused where the model decodes)")
 
 
 class HyenaYConfig(HyenaConfig):
@@ -132,8 +153,13 @@ def build_hyena(region: Region, config: HyenaConfig, model: torch.nn.Module) -> 
     width, out_width = widths(region)
     inner = region.attrs["heads"] * region.attrs["head_dim"]
     teacher = teacher_attention(region, model, repeat_kv=True) if config.init == "teacher" else None
+    lookahead = 0 if getattr(config, "causal", True) else (config.kernel - 1) // 2
     return install(region, HyenaMixer(width, inner, out_width, config.kernel, featurize, inner_filter, teacher,
-                                      **like(region, model)))
+                                      lookahead, **like(region, model)))
+
+
+def guard_hyena_x(region: Region, config: HyenaXConfig) -> str | None:
+    return guard_causal_decoding(region, config.causal)
 
 
 def build_mlp_hyena(region: Region, config: MlpHyenaConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -151,7 +177,7 @@ def guard_mlp_hyena(region: Region, config: MlpHyenaConfig) -> str | None:
 FEATURIZER_STATE = "last kernel-1 inputs of the featurizer (3 x heads x head_dim channels)"
 INNER_STATE = "last kernel-1 inputs of the inner filter (width channels)"
 RULES = [
-    Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena,
+    Rule("hyena_x", ("attention",), HyenaXConfig, build_hyena, guard_hyena_x,
          summary="Hyena-X: featurizer short conv, then q*k*v gating", plugs_in=True,
          decode_state=FEATURIZER_STATE, memory="0 (fixed (kernel-1) x 3 x width)"),
     Rule("hyena_y", ("attention",), HyenaYConfig, build_hyena, summary="Hyena-Y: q * inner_conv(k*v)", plugs_in=True,

@@ -22,7 +22,7 @@ from graftc.kernels.linear_attention import (HedgehogFeatureMap, elu_plus_one, l
 from graftc.match import Region
 from graftc.rules import Rule
 from graftc.passes.common import (MixerConfig, ProjectedAttention, build_projected, guard_causal_decoding,
-                                  teacher_is_causal)
+                                  guard_positions, teacher_is_causal)
 
 FIXED_MAPS = {"elu": elu_plus_one, "relu": relu}
 
@@ -80,7 +80,7 @@ class LinearConfig(MixerConfig):
 
 
 def guard_linear(region: Region, config: LinearConfig) -> str | None:
-    return guard_causal_decoding(region, config, config.causal)
+    return guard_causal_decoding(region, config.causal) or guard_positions(region, config)
 
 
 def build_linear(region: Region, config: LinearConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -150,7 +150,7 @@ class Swa2dConfig(MixerConfig):
 
 
 def guard_swa(region: Region, config: SwaConfig) -> str | None:
-    return guard_causal_decoding(region, config, config.causal)
+    return guard_causal_decoding(region, config.causal) or guard_positions(region, config)
 
 
 def build_swa(region: Region, config: SwaConfig, model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -143,7 +143,8 @@ def test_left_padded_generate_equals_each_prompt_alone(family, op):
     assert (padded[1, 4:] - each[1][0]).abs().max() < 1e-5
 
 
-ENCODER_VARIANTS = {"swa": {"swa-w2": {"window": 2}, "swa-w64": {"window": 64}}}
+ENCODER_VARIANTS = {"swa": {"swa-w2": {"window": 2}, "swa-w64": {"window": 64}},
+                    "hyena_x": {"hyena_x": {}, "hyena_x-centred": {"kernel": 5, "causal": False}}}
 ENCODER_OPS = {name: {"op": op, **fields} for op in DECODING
                for name, fields in ENCODER_VARIANTS.get(op, {op: RULES[op].example}).items()}
 

@@ -20,9 +20,10 @@ from tests.helpers import graft, leaves, max_diff, perturb, plan_of, run, save_a
 
 RULES = rules_by_op()
 # Every new operator in the registry (a rule that plugs in at an attention or MLP region) at its example config
-# (small sizes keep the tiny zoo models fast), and linear attention with a second feature map.
+# (small sizes keep the tiny zoo models fast), linear attention with a second feature map, and the centred Hyena-X.
 OPS = {op: dict(rule.example) for op, rule in RULES.items()
-       if rule.plugs_in and rule.kinds[0] in ("attention", "mlp")} | {"linear-elu": {"feature_map": "elu"}}
+       if rule.plugs_in and rule.kinds[0] in ("attention", "mlp")} | {"linear-elu": {"feature_map": "elu"},
+                                                                      "hyena_x-centred": {"kernel": 5, "causal": False}}
 IMAGE_FAMILIES = {"diffusers-dit", "pixart-sigma", "graftc-dit", "vit"}
 DECODER_FAMILIES = {"qwen3-gqa", "llama"}  # decode with a KV cache: a token-mixing MLP is refused there
 FAMILIES = [f for f in zoo.FAMILIES if f != "demo"]  # demo is graftc-dit at other weights
@@ -67,6 +68,8 @@ def test_operator_grafts_into_family(family, op_id):
     rule = rule_of(op_id)
     plan = plan_of(({"kind": rule.kinds[0], "ratio": 0.5}, replace(op_id, OPS[op_id])))
     refusals = [REFUSED_WITHOUT[need][1] for need in rule.needs if name in REFUSED_WITHOUT[need][0]]
+    if OPS[op_id].get("causal") is False and name in DECODER_FAMILIES:
+        refusals.append("decodes token by token with a cache")
     if refusals:
         with pytest.raises(GraftError, match=refusals[0]):
             graft(loaded, plan)
@@ -161,6 +164,43 @@ def test_hyena_from_teacher_uses_teacher_projections(tiny_dit):
     assert torch.equal(mixer.in_proj.weight, teacher.qkv.weight)
     assert torch.equal(mixer.out_proj.weight, teacher.proj.weight)
     assert torch.equal(mixer.inner_weight[:, -1], torch.ones(mixer.inner_weight.shape[0]))
+
+
+def _two_sided_hyena_x(mixer, x: torch.Tensor) -> torch.Tensor:
+    """Hyena-X with a centred featurizer, from its definition: out[t] = b + sum_j w[j] u[t - (K-1) + j + c] with
+    c = (K-1)//2 (zeros outside the sequence), then q * k * v and the out projection."""
+    taps, ahead = mixer.kernel, (mixer.kernel - 1) // 2
+    u = torch.nn.functional.pad(mixer.in_proj(x).transpose(1, 2), (taps - 1 - ahead, ahead))
+    a = torch.nn.functional.conv1d(u, mixer.feat_weight.unsqueeze(1), mixer.feat_bias, groups=u.shape[1])
+    q, k, v = a.transpose(1, 2).chunk(3, dim=-1)
+    return mixer.out_proj(q * k * v)
+
+
+@pytest.mark.parametrize("kernel", [2, 5, 8])
+def test_centred_hyena_x_is_a_two_sided_convolution(tiny_dit, kernel):
+    plan = plan_of(({"kind": "attention", "layers": [0]}, {"op": "hyena_x", "kernel": kernel, "causal": False}))
+    _, result = graft(tiny_dit, plan)
+    mixer = perturb(result.model.blocks[0].attn.operator, scale=0.1, seed=4)
+    assert mixer.lookahead == (kernel - 1) // 2
+    x = torch.randn(2, 11, mixer.in_proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _two_sided_hyena_x(mixer, x)
+        assert (mixer(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+        if mixer.lookahead:  # a token's output changes with the nearest tokens on both sides, not with those further
+            later = x.clone()
+            later[:, 6] += 1.0
+            changed = (mixer(later) - mixer(x)).abs().amax((0, 2)) > 0
+            ahead = mixer.lookahead
+            assert changed.tolist() == [6 - ahead <= t <= 6 + kernel - 1 - ahead for t in range(11)]
+
+
+def test_centred_hyena_x_from_the_teacher_starts_as_the_causal_one(tiny_dit):
+    """With init: teacher both featurizers start as the identity, so both gate each token's own q, k and v."""
+    outs = []
+    for causal in (True, False):
+        plan = plan_of(({"kind": "attention", "layers": "all"}, {"op": "hyena_x", "kernel": 7, "causal": causal}))
+        outs.append(run(graft(tiny_dit, plan)[1].model, tiny_dit))
+    assert max_diff(*outs) == 0.0
 
 
 def test_gqa_teacher_kv_heads_are_kept_by_attention_and_repeated_by_hyena():
