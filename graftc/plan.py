@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from graftc import text
 from graftc.errors import GraftError
 from graftc.passes import rules_by_op
 from graftc.region import Region
@@ -150,7 +151,10 @@ class Data(Strict):
     samples: int = Field(512, ge=2, description="diffusion models: teacher samples to generate and cache")
     sampler_steps: int = Field(25, ge=1, description="diffusion models: sampler steps per sample")
     cfg_scale: float = Field(1.5, ge=0, description="diffusion models: classifier-free guidance scale")
-    text: str | None = Field(None, description="language models and encoders: a text file, or a folder of .txt files")
+    text: str | None = Field(None, description="language models and encoders: a text file, a folder of .txt files, "
+                                               "or a built-in corpus: 'corpus:pydoc' (the default: the train split of "
+                                               "the pydoc_data topics) or 'corpus:stdlib' (those and the standard "
+                                               "library's docstrings, ~12x the sentences)")
     seq_len: int = Field(128, ge=2, description="language models and encoders: tokens per sample")
     text_unit: Literal["window", "sentence"] = Field(
         "window", description="language models and encoders: 'window' cuts the text into blocks of seq_len tokens; "
@@ -167,6 +171,13 @@ class Data(Strict):
                                                  "'demo:digits' = the demo DiT's own training data; image "
                                                  "classifiers: x0 in the model's input space, y optional "
                                                  "(default: the digits, scaled to the model's image size)")
+
+    @field_validator("text")
+    @classmethod
+    def _known_corpus(cls, value):
+        if value and value.startswith(text.CORPUS) and value.removeprefix(text.CORPUS) not in text.CORPORA:
+            raise ValueError(f"unknown corpus '{value}' (known: {', '.join(text.CORPUS + n for n in text.CORPORA)})")
+        return value
 
 
 def _op_union():

@@ -279,6 +279,36 @@ def test_sentences_are_held_out_prose():
     assert len(flat) == len(set(flat)) and set(flat) <= set(sentences)
 
 
+def test_stdlib_corpus_adds_docstrings_and_no_held_out_text(minilm):
+    pydoc, stdlib = text.corpus("pydoc"), text.corpus("stdlib")
+    assert pydoc == text.text("train") and stdlib.startswith(pydoc)
+    docs = text.docstrings()
+    found = text.sentences_in([docs])
+    assert len(found) > 5 * len(text.sentences("train"))  # the point: many more sentences to train on
+    # real docstrings, read from the sources: the module docstring of json, for one
+    assert " ".join(json.__doc__.split("\n\n")[0].split()) in " ".join(docs.split())
+    assert not set(found) & set(text.sentences("heldout"))
+    heldout = {" ".join(b.split()) for n in text.split_names("heldout") for b in text.topics()[n].split("\n\n")}
+    assert not {" ".join(b.split()) for b in docs.split(text.SEPARATOR)} & heldout
+    with pytest.raises(GraftError, match="unknown corpus 'corpus:wiki' .known: corpus:pydoc, corpus:stdlib"):
+        text.corpus("wiki")
+    # a plan's data.text: corpus:stdlib trains on every one of its sentences
+    from graftc.families.transformers import TextTask
+    from graftc.plan import Data
+    task = TextTask(minilm, Data(text="corpus:stdlib", text_unit="sentence", seq_len=32), seed=0)
+    task.prepare(None, log=lambda *_: None)
+    assert len(task.samples["input_ids"]) == len(text.sentences_in([stdlib]))
+
+
+def test_unknown_corpus_in_a_plan_is_refused_before_anything_runs(tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\ngraft:\n  - select: {kind: attention, layers: [0]}\n    replace: {op: swa}\n"
+                    "data: {text: 'corpus:wiki'}\n")
+    assert main(["compile", "demo:minilm", str(plan), "-o", str(tmp_path / "out")]) == 2
+    assert "data.text: unknown corpus 'corpus:wiki'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_token_windows(minilm):
     windows = text.token_windows(minilm.tokenizer, "train", length=64, count=3, start=100)
     assert windows.shape == (3, 64) and windows.dtype == torch.long

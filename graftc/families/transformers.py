@@ -106,7 +106,8 @@ def load_gguf(folder: Path, name: str) -> Loaded:
 
 class TextTask(Task):
     """transformers models on a text file (or folder of .txt files), cut into blocks of seq_len tokens; without
-    data.text, on graftc.text's train split of the pydoc_data topics (its held-out split is for evaluation)."""
+    data.text, on graftc.text's train split of the pydoc_data topics (its held-out split is for evaluation), or on
+    another of graftc.text's corpora (data.text: corpus:NAME)."""
 
     name = "text"
 
@@ -124,14 +125,15 @@ class TextTask(Task):
         self.encoder = not self.causal
 
     def prepare(self, teacher, log=print) -> None:
-        if self.data.text:
+        if self.data.text and not self.data.text.startswith(text.CORPUS):
             path = Path(self.data.text)
             files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
             if not path.exists() or not files:
                 raise GraftError(f"data.text: {'no .txt files in' if path.exists() else 'not found:'} {path}")
             where, raw = str(path), "\n\n".join(f.read_text(errors="replace") for f in files)
-        else:  # graftc.text's train split: real English, offline; its held-out split is never trained on
-            where, raw = "pydoc_data topics (train split; data.text: a file or folder replaces it)", text.text("train")
+        else:  # graftc.text's built-in corpora: real English, offline; its held-out split is never trained on
+            name = (self.data.text or text.CORPUS + "pydoc").removeprefix(text.CORPUS)
+            where, raw = f"{text.CORPORA[name]} ({text.CORPUS}{name})", text.corpus(name)
         L = self.data.seq_len
         if self.data.text_unit == "sentence":
             self.samples = self._sentence_samples(raw, where)
