@@ -300,15 +300,6 @@ def test_stdlib_corpus_adds_docstrings_and_no_held_out_text(minilm):
     assert len(task.samples["input_ids"]) == len(text.sentences_in([stdlib]))
 
 
-def test_unknown_corpus_in_a_plan_is_refused_before_anything_runs(tmp_path, capsys):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("version: 1\ngraft:\n  - select: {kind: attention, layers: [0]}\n    replace: {op: swa}\n"
-                    "data: {text: 'corpus:wiki'}\n")
-    assert main(["compile", "demo:minilm", str(plan), "-o", str(tmp_path / "out")]) == 2
-    assert "data.text: unknown corpus 'corpus:wiki'" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 def test_token_windows(minilm):
     windows = text.token_windows(minilm.tokenizer, "train", length=64, count=3, start=100)
     assert windows.shape == (3, 64) and windows.dtype == torch.long
