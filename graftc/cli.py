@@ -320,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--ks", default="1,2,4,8,16,32", help="band half-widths k for L_k, comma-separated")
     a.add_argument("--windows", default="3,5,7,9", help="odd k x k window sizes on the token grid (image models)")
     a.add_argument("--samples", type=int, default=64, help="diffusion models: teacher samples to generate (cached)")
-    a.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files")
+    a.add_argument("--text", help="language models and encoders: a text file, a folder of .txt files, or "
+                                 "corpus:NAME (graftc.text: pydoc, the default, or stdlib)")
     a.add_argument("--seq-len", type=int, default=128, help="language models: tokens per sample")
     a.add_argument("--cache", help="sample cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     a.add_argument("--block", type=int, default=256, help="query rows per attention block (memory bound)")
@@ -378,7 +379,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=int, default=32, help="stage-1 batch size")
     w.add_argument("--samples", type=int, default=256, help="diffusion models: teacher samples (cached, shared)")
     w.add_argument("--sampler-steps", type=int, default=25, help="diffusion models: sampler steps per sample")
-    w.add_argument("--text", help="language models and encoders: a text file or a folder of .txt files")
+    w.add_argument("--text", help="language models and encoders: a text file, a folder of .txt files, or "
+                                 "corpus:NAME (graftc.text: pydoc, the default, or stdlib)")
     w.add_argument("--cache", help="data cache folder (default: $GRAFTC_CACHE or ~/.cache/graftc)")
     w.add_argument("--seed", type=int, default=0, help="seed")
     w.set_defaults(run=_sweep)
