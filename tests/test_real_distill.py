@@ -94,9 +94,10 @@ def test_smollm2_swa_distills_reloads_and_chats(smollm2, tmp_path, monkeypatch, 
 
 
 def test_minilm_hyena_x_distills_and_reloads(minilm, tmp_path, monkeypatch):
+    """The centred featurizer of examples/minilm-hyena-x-50.yaml, in the real encoder."""
     loaded = minilm
-    manifest, distilled, undistilled = compile_with(loaded, plan({"op": "hyena_x"}, [2], seq_len=32), tmp_path,
-                                                    monkeypatch)
+    manifest, distilled, undistilled = compile_with(loaded, plan({"op": "hyena_x", "causal": False}, [2], seq_len=32),
+                                                    tmp_path, monkeypatch)
     assert_stage1_fell(manifest)
     model = graftc.load(tmp_path / "art", model=copy.deepcopy(loaded.model))
     # closer to the teacher's last hidden state (the distillation objective) on held-out text than the rewrite alone
