@@ -175,8 +175,7 @@ class Data(Strict):
     @field_validator("text")
     @classmethod
     def _known_corpus(cls, value):
-        if value and value.startswith(text.CORPUS) and value.removeprefix(text.CORPUS) not in text.CORPORA:
-            raise ValueError(f"unknown corpus '{value}' (known: {', '.join(text.CORPUS + n for n in text.CORPORA)})")
+        text.corpus_name(value)  # raises on an unknown corpus
         return value
 
 

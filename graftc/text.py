@@ -71,8 +71,15 @@ def split_topics(split: str) -> dict[str, str]:
     found, names = topics(), split_names(split)
     if split != "train":
         return {n: found[n] for n in names}
-    heldout = {_key(b) for n in split_names("heldout") for b in _blocks(found[n])}
+    heldout = _heldout_keys()
     return {n: "\n\n".join(b for b in _blocks(found[n]) if _key(b) not in heldout) for n in names}
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_keys() -> frozenset[str]:
+    """Every paragraph of the held-out topics, whitespace-normalized: what no training text may hold."""
+    found = topics()
+    return frozenset(_key(b) for n in split_names("heldout") for b in _blocks(found[n]))
 
 
 def text(split: str) -> str:
@@ -80,11 +87,25 @@ def text(split: str) -> str:
     return SEPARATOR.join(split_topics(split).values())
 
 
+def corpus_name(value: str | None) -> str | None:
+    """The built-in corpus a data.text value names: 'corpus:NAME', or unset for corpus:pydoc; None for a file or
+    folder. An unknown name raises ValueError (plan validation reports it where it sits)."""
+    if not value:
+        return "pydoc"
+    if not value.startswith(CORPUS):
+        return None
+    name = value.removeprefix(CORPUS)
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus '{value}' (known: {', '.join(CORPUS + n for n in CORPORA)})")
+    return name
+
+
 def corpus(name: str) -> str:
     """A built-in training text (CORPORA); none of them holds a paragraph of the held-out split."""
-    if name not in CORPORA:
-        raise GraftError(f"data.text: unknown corpus '{CORPUS}{name}' (known: "
-                         f"{', '.join(CORPUS + n for n in CORPORA)}; or a text file, or a folder of .txt files)")
+    try:
+        corpus_name(CORPUS + name)
+    except ValueError as exc:
+        raise GraftError(f"data.text: {exc}; or a text file, or a folder of .txt files") from None
     return text("train") if name == "pydoc" else SEPARATOR.join([text("train"), docstrings()])
 
 
@@ -94,7 +115,7 @@ def docstrings() -> str:
     order, less the paragraphs that occur in a held-out topic. The files are parsed, never imported."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    heldout = {_key(b) for n in split_names("heldout") for b in _blocks(topics()[n])}
+    heldout = _heldout_keys()
     found = []
     for path in sorted(root.rglob("*.py")):
         if skip & set(path.relative_to(root).parts):

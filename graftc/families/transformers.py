@@ -125,14 +125,14 @@ class TextTask(Task):
         self.encoder = not self.causal
 
     def prepare(self, teacher, log=print) -> None:
-        if self.data.text and not self.data.text.startswith(text.CORPUS):
+        name = text.corpus_name(self.data.text)
+        if name is None:  # a file or folder
             path = Path(self.data.text)
             files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
             if not path.exists() or not files:
                 raise GraftError(f"data.text: {'no .txt files in' if path.exists() else 'not found:'} {path}")
             where, raw = str(path), "\n\n".join(f.read_text(errors="replace") for f in files)
         else:  # graftc.text's built-in corpora: real English, offline; its held-out split is never trained on
-            name = (self.data.text or text.CORPUS + "pydoc").removeprefix(text.CORPUS)
             where, raw = f"{text.CORPORA[name]} ({text.CORPUS}{name})", text.corpus(name)
         L = self.data.seq_len
         if self.data.text_unit == "sentence":
