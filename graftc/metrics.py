@@ -112,7 +112,11 @@ def sentence_embedding(output, attention_mask: Optional[torch.Tensor] = None) ->
         if not states:
             raise GraftError("embedding cosine: the encoder's output has neither last_hidden_state nor hidden_states")
         hidden = states[-1]
-    hidden = hidden.double()
+    return mean_pool(hidden.double(), attention_mask)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, L, H] -> [B, H]: the mean over each sample's real tokens (all of them without a mask)."""
     mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if attention_mask is None \
         else attention_mask.to(hidden)
     return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)

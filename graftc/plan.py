@@ -112,6 +112,9 @@ class Lora(Strict):
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
 
 
+Objective = Literal["distill", "diffusion", "lm", "embedding"]
+
+
 class Stage2(Strict):
     steps: int = Field(500, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="samples per step (over all ranks)")
@@ -122,9 +125,11 @@ class Stage2(Strict):
     weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(10.0, gt=0, description="clip the gradient norm to this")
     ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights that are saved (0 = no EMA)")
-    objective: Union[Literal["distill", "diffusion", "lm"], dict[Literal["distill", "diffusion", "lm"], float]] = Field(
+    objective: Union[Objective, dict[Objective, float]] = Field(
         "distill", description="match the teacher's outputs (distill), the model's own loss (diffusion: noise "
-                               "prediction; lm: next token), or a weighted sum such as {distill: 1, diffusion: 0.5}")
+                               "prediction; lm: next token), text encoders: the teacher's sentence embeddings "
+                               "(embedding: 1 - cosine of the mean-pooled last hidden states), or a weighted sum "
+                               "such as {distill: 1, diffusion: 0.5}")
     snr_gamma: float | None = Field(None, gt=0, description="diffusion models: weight each sample's loss by "
                                     "min(1, gamma / SNR(t)) (Min-SNR), so near-clean timesteps stop dominating")
     lora: Lora | None = Field(None, description="train low-rank updates of the Linears instead of all weights")

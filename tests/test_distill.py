@@ -522,3 +522,61 @@ def test_stage2_schedules():
     cosine = lrs(schedule="cosine")
     assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == pytest.approx(0.0, abs=1e-12)
     assert cosine[6] == pytest.approx(0.5) and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+
+
+def test_embedding_objective_is_one_minus_the_cosine_of_mean_pooled_sentences():
+    from graftc.distill.stage2 import embedding_loss
+    from graftc.metrics import sentence_embedding
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    by_hand = [float(torch.nn.functional.cosine_similarity(student[i, :n].mean(0), teacher[i, :n].mean(0), dim=0))
+               for i, n in enumerate((5, 3, 2))]
+    assert float(embedding_loss(student, teacher, mask.bool())) == pytest.approx(1 - sum(by_hand) / 3, abs=1e-6)
+    # the evaluation's pooling gives the same number
+    pooled = [sentence_embedding(type("Out", (), {"last_hidden_state": t})(), mask) for t in (student, teacher)]
+    assert float(embedding_loss(student, teacher, mask.bool())) == pytest.approx(
+        float(1 - torch.nn.functional.cosine_similarity(*pooled).mean()), abs=1e-6)
+    moved = student.clone()
+    moved[1, 3:] += 100.0  # padding never enters the loss
+    assert float(embedding_loss(moved, teacher, mask.bool())) == pytest.approx(float(embedding_loss(student, teacher, mask.bool())))
+    assert float(embedding_loss(teacher * 3.0, teacher, mask.bool())) == pytest.approx(0.0, abs=1e-6)  # scale-free
+
+
+SENTENCES = " ".join(f"The {a} cat sat on the {b} mat near the {c} dog today." for a in ("red", "blue", "old")
+                     for b in ("green", "small", "new") for c in ("big", "kind", "shy"))
+
+
+def test_embedding_objective_trains_an_encoder_and_is_refused_elsewhere(tmp_path, capsys):
+    from tests import zoo
+
+    spec = zoo.bert(tmp_path / "bert")
+    zoo.tiny_t5_tokenizer().save_pretrained(spec)
+    (tmp_path / "text.txt").write_text(SENTENCES)
+    graft = [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "hyena_x", "causal": False, "init": "random"}}]
+    plan = plan_file(tmp_path, graft, None, {"steps": 12, "lr": 3e-3, "ema": 0, "objective": "embedding"},
+                     text=str(tmp_path / "text.txt"), seq_len=16, text_unit="sentence")
+    out, rewrite = tmp_path / "out", tmp_path / "rewrite"
+    assert main(["compile", spec, str(plan), "-o", str(out)]) == 0
+    assert manifest(out)["distill"]["stage2"]["objective"] == {"embedding": 1.0}
+    (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump({"version": 1, "graft": graft}))
+    assert main(["compile", spec, str(tmp_path / "rewrite.yaml"), "-o", str(rewrite)]) == 0
+    # stage 2 brings the sentence embeddings closer to the teacher's than the rewrite alone
+    import graftc
+    from graftc.families.transformers import embedding_quality
+    from graftc.text import sentences_in
+    from transformers import AutoTokenizer
+
+    teacher, tokenizer = load_model(spec).model.eval(), AutoTokenizer.from_pretrained(spec)
+    found = sentences_in([SENTENCES])
+    cosine = {p.name: embedding_quality(teacher, graftc.load(str(p)).eval(), tokenizer, found)["embedding_cosine"]
+              for p in (out, rewrite)}
+    assert cosine["out"] > cosine["rewrite"] + 0.01, cosine
+    qwen = zoo.qwen3(tmp_path / "qwen3")
+    zoo.tiny_t5_tokenizer().save_pretrained(qwen)
+    plan = plan_file(tmp_path, [{"select": {"kind": "attention", "layers": [0]}, "replace": {"op": "swa"}}],
+                     None, {"steps": 1, "objective": "embedding"}, text=str(tmp_path / "text.txt"), seq_len=8)
+    assert main(["compile", qwen, str(plan), "-o", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "distill.stage2.objective: 'embedding'" in err and "not one" in err and not (tmp_path / "refused").exists()

@@ -1,7 +1,8 @@
 """Stage 2: lightweight end-to-end fine-tuning of the whole grafted model.
 
 Objectives: `distill` (match the frozen teacher's outputs; KL over next-token distributions for language
-models), the model's own loss (`diffusion`: noise prediction; `lm`: next token), or a weighted sum. AdamW with
+models), the model's own loss (`diffusion`: noise prediction; `lm`: next token), for text encoders `embedding`
+(the cosine of the mean-pooled sentence embedding to the teacher's), or a weighted sum. AdamW with
 linear warmup then a constant rate (the method's) or a cosine decay, gradient clipping, an EMA of the weights (the EMA is what is saved), bf16
 autocast on CUDA. Full fine-tuning, or LoRA (peft): low-rank updates of the Linears outside the rewritten
 nodes (the new operators train fully), merged back into the Linears at the end so the artifact keeps the
@@ -15,12 +16,14 @@ import re
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graftc.distill import checkpoint as ckpt
 from graftc.distill.data import Task, generator, real_tokens
 from graftc.distill.parallel import World
 from graftc.errors import GraftError
+from graftc.metrics import mean_pool
 from graftc.progress import Progress
 
 # A tied LM head's update is merged into the matrix it shares with the embedding, so the two stay tied (the
@@ -48,13 +51,23 @@ def add_lora(model: nn.Module, keep_full: set[str], rank: int, alpha: float):
     return lora
 
 
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """1 - cosine between the student's and the teacher's sentence embeddings (the mean of the last hidden state
+    over each sentence's real tokens), averaged over the batch: what a sentence encoder is judged by."""
+    pooled = [mean_pool(t.float(), mask) for t in (student, teacher)]
+    return 1 - F.cosine_similarity(*pooled, dim=-1).mean()
+
+
 class Stage2Trainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, task: Task, cfg, world: World, new_modules: set[str],
                  trainable: set[str]):
         self.teacher, self.student, self.task, self.cfg, self.world = teacher, student, task, cfg, world
         self.weights = cfg.objective_weights()
         for name in self.weights:
-            if name != "distill" and name != task.own_objective:
+            if name == "embedding" and not task.encoder:
+                raise GraftError("distill.stage2.objective: 'embedding' matches the mean-pooled sentence embeddings "
+                                 "of a text encoder, and this model is not one; use distill")
+            if name not in ("distill", "embedding") and name != task.own_objective:
                 own = task.own_objective or "none"
                 raise GraftError(f"distill.stage2.objective: '{name}' is not this model's own loss (it has: {own}); "
                                  "use distill")
@@ -92,11 +105,14 @@ class Stage2Trainer:
             out = self.task.output(self.model(*batch.args, **batch.kwargs))
             weights = self.task.sample_weights(batch, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
             total = 0.0
+            if "distill" in self.weights or "embedding" in self.weights:
+                with torch.no_grad():
+                    target = self.task.output(self.teacher(*batch.args, **batch.kwargs))
             for name, weight in self.weights.items():
                 if name == "distill":
-                    with torch.no_grad():
-                        target = self.task.output(self.teacher(*batch.args, **batch.kwargs))
                     part = self.task.distill_loss(*real_tokens(self.task.token_mask(batch), out, target), weights)
+                elif name == "embedding":
+                    part = embedding_loss(out, target, self.task.token_mask(batch))
                 else:
                     part = self.task.own_loss(out, batch, weights)
                 total = total + weight * part
