@@ -549,7 +549,11 @@ SENTENCES = " ".join(f"The {a} cat sat on the {b} mat near the {c} dog today." f
 
 
 def test_embedding_objective_trains_an_encoder_and_is_refused_elsewhere(tmp_path, capsys):
+    import graftc
+    from graftc.families.transformers import embedding_quality
+    from graftc.text import sentences_in
     from tests import zoo
+    from transformers import AutoTokenizer
 
     spec = zoo.bert(tmp_path / "bert")
     zoo.tiny_t5_tokenizer().save_pretrained(spec)
@@ -563,11 +567,6 @@ def test_embedding_objective_trains_an_encoder_and_is_refused_elsewhere(tmp_path
     (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump({"version": 1, "graft": graft}))
     assert main(["compile", spec, str(tmp_path / "rewrite.yaml"), "-o", str(rewrite)]) == 0
     # stage 2 brings the sentence embeddings closer to the teacher's than the rewrite alone
-    import graftc
-    from graftc.families.transformers import embedding_quality
-    from graftc.text import sentences_in
-    from transformers import AutoTokenizer
-
     teacher, tokenizer = load_model(spec).model.eval(), AutoTokenizer.from_pretrained(spec)
     found = sentences_in([SENTENCES])
     cosine = {p.name: embedding_quality(teacher, graftc.load(str(p)).eval(), tokenizer, found)["embedding_cosine"]
