@@ -96,16 +96,18 @@ def corpus_name(value: str | None) -> str | None:
         return None
     name = value.removeprefix(CORPUS)
     if name not in CORPORA:
-        raise ValueError(f"unknown corpus '{value}' (known: {', '.join(CORPUS + n for n in CORPORA)})")
+        raise ValueError(_unknown(name))
     return name
+
+
+def _unknown(name: str) -> str:
+    return f"unknown corpus '{CORPUS}{name}' (known: {', '.join(CORPUS + n for n in CORPORA)})"
 
 
 def corpus(name: str) -> str:
     """A built-in training text (CORPORA); none of them holds a paragraph of the held-out split."""
-    try:
-        corpus_name(CORPUS + name)
-    except ValueError as exc:
-        raise GraftError(f"data.text: {exc}; or a text file, or a folder of .txt files") from None
+    if name not in CORPORA:
+        raise GraftError(f"data.text: {_unknown(name)}; or a text file, or a folder of .txt files")
     return text("train") if name == "pydoc" else SEPARATOR.join([text("train"), docstrings()])
 
 

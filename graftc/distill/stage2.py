@@ -105,14 +105,15 @@ class Stage2Trainer:
             out = self.task.output(self.model(*batch.args, **batch.kwargs))
             weights = self.task.sample_weights(batch, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
             total = 0.0
-            if "distill" in self.weights or "embedding" in self.weights:
+            mask = self.task.token_mask(batch)
+            if self.weights.keys() & {"distill", "embedding"}:  # one teacher pass serves both
                 with torch.no_grad():
                     target = self.task.output(self.teacher(*batch.args, **batch.kwargs))
             for name, weight in self.weights.items():
                 if name == "distill":
-                    part = self.task.distill_loss(*real_tokens(self.task.token_mask(batch), out, target), weights)
+                    part = self.task.distill_loss(*real_tokens(mask, out, target), weights)
                 elif name == "embedding":
-                    part = embedding_loss(out, target, self.task.token_mask(batch))
+                    part = embedding_loss(out, target, mask)
                 else:
                     part = self.task.own_loss(out, batch, weights)
                 total = total + weight * part
